@@ -1,0 +1,27 @@
+# Two entry points on a fresh clone: `make demo` (the demo study) and `make test` (the tests).
+# Both create .venv and install what they need. torch/torchvision are pinned to the wheels
+# this machine serves from its own disk; elsewhere pip fetches the same releases.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install install-dev clean-results
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev,dashboard,postgres]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m flows.study
+
+test: install
+	$(PY) -m pytest -q
+
+clean-results:
+	rm -rf studies/optuna.db studies/cache studies/data studies/demo

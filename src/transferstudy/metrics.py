@@ -1,0 +1,95 @@
+"""Classification metrics: accuracy, top-5, macro/weighted F1, per-class report, confusions.
+
+Thin wrappers over scikit-learn, with the label set fixed to every class so that classes
+absent from a small split still count (as zeros) and shapes never depend on the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+
+def top_k_accuracy(probs: np.ndarray, y_true: np.ndarray, k: int = 5) -> float:
+    """Share of rows whose true class is among the ``k`` highest scores (ties broken by index)."""
+    if len(y_true) == 0:
+        return float("nan")
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float((top == y_true[:, None]).any(axis=1).mean())
+
+
+@dataclass
+class ClassificationScores:
+    """Scores of one set of predictions; arrays are indexed by class."""
+
+    accuracy: float
+    top5: float
+    macro_f1: float
+    weighted_f1: float
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    confusion: np.ndarray  # rows = true class, columns = predicted class
+
+    def summary(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "top5": self.top5, "macro_f1": self.macro_f1, "weighted_f1": self.weighted_f1}
+
+    def to_dict(self) -> dict:
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in asdict(self).items()}
+
+
+def score(y_true: np.ndarray, probs: np.ndarray, num_classes: int | None = None) -> ClassificationScores:
+    """All metrics from true labels and per-class scores (probabilities or logits)."""
+    y_true = np.asarray(y_true)
+    num_classes = num_classes or probs.shape[1]
+    labels = np.arange(num_classes)
+    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return ClassificationScores(
+        accuracy=float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
+        top5=top_k_accuracy(probs, y_true, 5),
+        macro_f1=macro_f1(y_true, y_pred, num_classes),
+        weighted_f1=float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        precision=p,
+        recall=r,
+        f1=f,
+        support=s,
+        confusion=confusion_matrix(y_true, y_pred, labels=labels),
+    )
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over every class (absent classes count as 0 only when predicted)."""
+    if len(y_true) == 0:
+        return float("nan")
+    present = np.union1d(np.unique(y_true), np.unique(y_pred))
+    return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+
+
+def top_confused_pairs(confusion: np.ndarray, class_names: list[str], k: int = 20) -> list[dict]:
+    """The ``k`` largest off-diagonal cells: (true, predicted, count, share of the true class)."""
+    off = confusion.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:k]
+    rows = confusion.sum(axis=1)
+    pairs = []
+    for t, p in zip(*np.unravel_index(flat, off.shape)):
+        if off[t, p] == 0:
+            break
+        pairs.append({
+            "true": class_names[t],
+            "predicted": class_names[p],
+            "count": int(off[t, p]),
+            "share": float(off[t, p] / rows[t]) if rows[t] else 0.0,
+        })
+    return pairs
+
+
+def normalize_rows(confusion: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (the recall view); empty rows stay zero."""
+    totals = confusion.sum(axis=1, keepdims=True)
+    return np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=float), where=totals > 0)

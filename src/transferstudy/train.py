@@ -1,0 +1,272 @@
+"""Fine-tuning: ``fit`` / ``train_one_epoch`` / ``evaluate``, returning plain results.
+
+Orchestration lives outside: ``fit`` calls ``on_epoch_end(record)`` after every epoch, and the
+caller (an Optuna objective, a script) decides what to do with it: log, report, prune, or
+return True to stop early. The same code runs on CPU and CUDA; on CUDA it adds bf16 autocast
+and channels_last through ``runtime``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import runtime
+from .data import Augment, DeviceData, augment_batch
+from .metrics import ClassificationScores, macro_f1, score
+from .model import TransferNet
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (loss became NaN or infinite)."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines one training run, besides the data and the network.
+
+    Attributes:
+        epochs: passes over the training split (>= 1).
+        lr: peak learning rate of the head (typ. 1e-4..1e-1); reached after warm-up.
+        batch_size: images per optimiser step (>= 2).
+        optimizer: "adamw" (default) or "sgd" (Nesterov momentum).
+        momentum: SGD momentum (0..1); ignored by AdamW.
+        weight_decay: decoupled weight decay for weights (not biases/norms), >= 0.
+        backbone_lr_mult: backbone learning rate = lr x this (0..1]; 1 = same as the head.
+        label_smoothing: cross-entropy label smoothing (0..1).
+        warmup_epochs: linear warm-up from 0 before the cosine decay (may be fractional).
+        augment: training-time batch augmentation on the device.
+        eval_batch_size: images per forward pass when evaluating.
+        seed: the train seed: head init, batch order and augmentation.
+        autocast: bf16 autocast on CUDA (no effect on CPU).
+    """
+
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    augment: Augment = field(default_factory=Augment)
+    eval_batch_size: int = 256
+    seed: int = 0
+    autocast: bool = True
+
+
+@dataclass
+class EpochRecord:
+    """One line of the training history."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    val_f1: float
+    lr: float
+    seconds: float
+    images_per_s: float
+
+    def log_line(self) -> str:
+        return (
+            f"epoch {self.epoch:3d} train_loss {self.train_loss:.4f} train_acc {self.train_acc:.4f} "
+            f"val_loss {self.val_loss:.4f} val_acc {self.val_acc:.4f} val_f1 {self.val_f1:.4f} "
+            f"lr {self.lr:.2e} seconds {self.seconds:.1f} img/s {self.images_per_s:.0f}"
+        )
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the history and a summary; the model is trained in place."""
+
+    history: list[EpochRecord]
+    best_epoch: int
+    stopped_early: bool
+    train_seconds: float
+    images_per_s: float
+
+    @property
+    def final(self) -> EpochRecord:
+        return self.history[-1]
+
+    def to_dict(self) -> dict:
+        return {
+            "history": [asdict(r) for r in self.history],
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+            "train_seconds": self.train_seconds,
+            "images_per_s": self.images_per_s,
+        }
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    probs: np.ndarray  # (N, C) softmax probabilities
+    labels: np.ndarray  # (N,) true classes
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.probs.argmax(1) == self.labels).mean()) if len(self.labels) else float("nan")
+
+    def scores(self, num_classes: int) -> ClassificationScores:
+        return score(self.labels, self.probs, num_classes)
+
+
+def build_optimizer(model: TransferNet, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+    if s.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
+    groups = model.param_groups(s.lr, s.weight_decay, s.backbone_lr_mult)
+    fast = {"foreach": True} if device.type == "cuda" else {}
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, nesterov=True, **fast)
+    return torch.optim.AdamW(groups, lr=s.lr, **fast)
+
+
+def build_scheduler(optimizer, steps_per_epoch: int, s: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to zero at the last step; stepped once per batch."""
+    total = max(1, steps_per_epoch * s.epochs)
+    warmup = min(total - 1, round(s.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    model: TransferNet,
+    data: DeviceData,
+    indices: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    s: TrainSettings,
+    device: torch.device,
+    order_gen: torch.Generator,
+    aug_gen: torch.Generator,
+) -> tuple[float, float, int]:
+    """One pass over ``indices``; returns (mean loss, accuracy, images seen).
+
+    Loss and hits are summed on the device and read once at the end, so the loop never
+    waits for the GPU between steps.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in data.batches(indices, s.batch_size, shuffle=True, generator=order_gen):
+        x = augment_batch(x, s.augment, aug_gen).contiguous(memory_format=runtime.memory_format(device))
+        with runtime.autocast(device, s.autocast):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        hits += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+    mean_loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(f"training loss became {mean_loss} (try a lower learning rate)")
+    return mean_loss, hits.item() / max(seen, 1), seen
+
+
+@torch.no_grad()
+def evaluate(
+    model: TransferNet, data: DeviceData, indices: np.ndarray, device: torch.device, batch_size: int = 256, use_autocast: bool = True
+) -> EvalResult:
+    """Centre-view predictions and mean cross-entropy over ``indices``."""
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for x, y in data.batches(indices, batch_size):
+        x = x.contiguous(memory_format=runtime.memory_format(device))
+        with runtime.autocast(device, use_autocast):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    n = sum(len(l) for l in labels)
+    if n == 0:
+        return EvalResult(float("nan"), np.zeros((0, model.num_classes), np.float32), np.zeros(0, np.int64))
+    return EvalResult(loss_sum / n, np.concatenate(probs), np.concatenate(labels))
+
+
+def fit(
+    model: TransferNet,
+    data: DeviceData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    s: TrainSettings,
+    device: torch.device,
+    on_epoch_end: Callable[[EpochRecord], bool | None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place for ``s.epochs`` epochs and validate after each.
+
+    Args:
+        on_epoch_end: called with each epoch's record; returning True stops training. It may
+            also raise (an Optuna pruning signal, for example), which ends ``fit``.
+
+    Raises:
+        NonFiniteLossError: the training loss became NaN or infinite.
+    """
+    runtime.seed_everything(s.seed)
+    model.to(device, memory_format=runtime.memory_format(device))
+    optimizer = build_optimizer(model, s, device)
+    steps = sum(1 for start in range(0, len(train_idx), s.batch_size) if len(train_idx) - start >= 2)
+    scheduler = build_scheduler(optimizer, steps, s)
+    order_gen = runtime.generator(s.seed, torch.device("cpu"))
+    aug_gen = runtime.generator(s.seed + 1, device)
+    history: list[EpochRecord] = []
+    stopped = False
+    started = time.perf_counter()
+    train_seconds, train_images = 0.0, 0
+    for epoch in range(1, s.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        loss, acc, seen = train_one_epoch(model, data, train_idx, optimizer, scheduler, s, device, order_gen, aug_gen)
+        runtime.synchronize(device)
+        epoch_train_s = time.perf_counter() - t0
+        train_seconds, train_images = train_seconds + epoch_train_s, train_images + seen
+        val = evaluate(model, data, val_idx, device, s.eval_batch_size, s.autocast)
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=loss,
+            train_acc=acc,
+            val_loss=val.loss,
+            val_acc=val.accuracy,
+            val_f1=macro_f1(val.labels, val.probs.argmax(1), model.num_classes),
+            lr=lr,
+            seconds=time.perf_counter() - t0,
+            images_per_s=seen / max(epoch_train_s, 1e-9),
+        )
+        history.append(record)
+        log.info(record.log_line())
+        if on_epoch_end is not None and on_epoch_end(record):
+            stopped = epoch < s.epochs
+            break
+    best = max(history, key=lambda r: (np.nan_to_num(r.val_acc, nan=-1.0), -r.epoch))
+    return FitResult(
+        history=history,
+        best_epoch=best.epoch,
+        stopped_early=stopped,
+        train_seconds=time.perf_counter() - started,
+        images_per_s=train_images / max(train_seconds, 1e-9),
+    )
