@@ -1,0 +1,11 @@
+"""Prefect flows: thin orchestration around the ``transferstudy`` engine.
+
+    python -m flows.study      # prepare -> study -> report (the demo study by default)
+    python -m flows.prepare    # import and validate a dataset
+    python -m flows.report     # rebuild a study's report from its storage
+"""
+
+import os
+
+# Engine log lines (epochs, trials, decoding progress) also go to the Prefect flow-run logs.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "transferstudy")

@@ -1,0 +1,37 @@
+"""What every flow CLI shares: logging set-up and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from transferstudy.config import ConfigError
+from transferstudy.datasets.base import DatasetError
+from transferstudy.model import WeightsUnavailableError
+
+#: Errors that mean "your input is wrong": shown as one line, exit status 2.
+USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailableError, FileNotFoundError, ValueError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore", "alembic", "aiosqlite", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a CLI body; bad input ends in ``error: <one line>`` and exit status 2."""
+    try:
+        sys.exit(main() or 0)
+    except USER_ERRORS as exc:
+        message = " ".join(str(exc).split("\n")[0].split()) if not isinstance(exc, DatasetError) else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: completed trials are kept in the storage; run the same command to resume", file=sys.stderr)
+        sys.exit(130)
