@@ -9,3 +9,5 @@ import os
 
 # Engine log lines (epochs, trials, decoding progress) also go to the Prefect flow-run logs.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "transferstudy")
+# No usage telemetry: it is a write the temporary server can fail with "database is locked".
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

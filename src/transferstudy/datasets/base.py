@@ -40,7 +40,8 @@ class Sample:
 
 @dataclass
 class DatasetIndex:
-    """Everything an importer found: sorted class names, sorted samples, skipped files."""
+    """Everything an importer found: class names in label order (sorted for class folders,
+    the devkit's order for Stanford Cars), sorted samples, skipped files."""
 
     root: Path
     class_names: list[str]

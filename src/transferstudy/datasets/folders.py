@@ -43,16 +43,17 @@ def _files(class_dir: Path, problems: list[Problem]) -> list[Path]:
 def find_split_root(root: Path) -> Path:
     """The folder that holds train/ (and test/), looking through single-folder wrappers.
 
-    Archives often unpack as ``car_data/car_data/train/...``; a chain of folders that each
-    hold exactly one visible sub-folder is followed down until train/ appears.
+    Archives often unpack as ``car_data/car_data/train/...``, with loose files beside the
+    wrapper (the Kaggle copy of Stanford Cars has anno_train.csv and names.csv there); a chain
+    of folders that each hold exactly one visible sub-folder is followed down until train/
+    appears. Without train/ the root itself is returned, so a pool is never looked through.
     """
     current = root
     for _ in range(4):
         if (current / "train").is_dir():
             return current
         subdirs = _class_dirs(current)
-        files = [p for p in current.iterdir() if p.is_file() and _visible(p, current)]
-        if len(subdirs) != 1 or files:
+        if len(subdirs) != 1:
             break
         current = subdirs[0]
     return root

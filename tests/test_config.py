@@ -1,0 +1,83 @@
+"""Study files: committed ones are valid; bad ones fail with one line naming the file and key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transferstudy.config import ConfigError, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "stanford_cars.toml"])
+def test_committed_study_files_are_valid(name):
+    cfg = load_config(ROOT / "studies" / name)
+    assert cfg.study.name == Path(name).stem
+    assert {"unfreeze_depth", "lr", "epochs", "train_ratio"} <= set(cfg.search.space)
+
+
+def test_stanford_study_is_the_real_gpu_study():
+    cfg = load_config(ROOT / "studies" / "stanford_cars.toml")
+    assert (cfg.data.image_size, cfg.train.weights) == (224, "imagenet")
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[study]\nn_trails = 3\n", "[study] n_trails"),
+        ("[data]\nimage_size = 8\n", "[data] image_size"),
+        ("[train]\nweights = 3\n", "[train] weights"),
+        ("[search]\nlr = [0.1, 0.001]\n", "[search] lr"),
+        ("[search]\nlr = [0.0, 0.1]\n", "[search] lr"),
+        ("[search]\nunfreeze_depth = [0, 7]\n", "[search] unfreeze_depth"),
+        ("[search]\nmomentum = [0.8, 0.9]\n", "[search] momentum"),
+        ("[train]\nlr = 0.1\n[search]\nlr = [0.01, 0.1]\n", "[train] lr"),
+        ("[study]\npruner = \"asha\"\n", "[study] pruner"),
+        ("[sudy]\nname = \"x\"\n", "[sudy]"),
+    ],
+)
+def test_bad_key_is_named(tmp_path, text, key):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and key in message and "\n" not in message
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[study\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_defaults_and_overrides_are_validated():
+    cfg = from_dict({"search": {"lr": [1e-4, 1e-2]}}, source="x.toml")
+    assert cfg.search.space == {"lr": [1e-4, 1e-2]}  # only what is listed is searched
+    assert cfg.with_overrides(study={"n_trials": 7}).study.n_trials == 7
+    with pytest.raises(ConfigError, match=r"\[study\] n_trials"):
+        cfg.with_overrides(study={"n_trials": 0})
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(ROOT / "studies" / "demo.toml")
+    assert from_dict(cfg.to_dict(), source=cfg.source) == cfg
+
+
+def test_cli_broken_study_file_is_one_line(tmp_path):
+    path = _write(tmp_path, "[train]\nbatch_size = 1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.study", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(path) in lines[0] and "[train] batch_size" in lines[0]

@@ -1,0 +1,135 @@
+"""Flows through a real Prefect API server: the study flow, caching, a killed worker, and
+several workers sharing one PostgreSQL study."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from helpers import tiny_config, tiny_raw, write_toml
+from optuna.trial import TrialState
+
+from transferstudy import study as study_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """One temporary Prefect API server for the module (the harness must not be nested)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+def _worker_env(api_url: str) -> dict:
+    return {**os.environ, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1"}
+
+
+def _worker(toml: Path, api_url: str, cwd: Path, *extra: str) -> subprocess.Popen:
+    log = open(cwd / f"worker-{uuid.uuid4().hex[:6]}.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.study", "--config", str(toml), "--no-report", *extra],
+        cwd=ROOT, env=_worker_env(api_url), stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def test_study_flow_leaves_study_report_and_caches_preparation(prefect_api, tmp_path, monkeypatch):
+    from flows.study import study_flow
+
+    monkeypatch.chdir(tmp_path)
+    toml = write_toml(tmp_path / "tiny.toml", tiny_raw(tmp_path))
+    state = study_flow(config=str(toml), return_state=True)
+    report = Path(state.result())
+    assert report.is_file() and report.name == "report.html"
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 2
+    assert _task_states(state)["prepare-data"] == "Completed"
+
+    again = study_flow(config=str(toml), n_trials=3, return_state=True)  # resume: one more trial
+    assert _task_states(again)["prepare-data"] == "Cached"  # unchanged dataset, not prepared twice
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
+
+
+def _running_with_progress(storage: str, name: str):
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("history"):
+            return t
+    return None
+
+
+def test_killed_worker_trial_is_detected_and_rerun(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [6, 6]})
+    toml = write_toml(tmp_path / "tiny.toml", raw)
+    storage = raw["study"]["storage"]
+    worker = _worker(toml, prefect_api, tmp_path)
+    try:
+        deadline = time.time() + 240
+        while (victim := _running_with_progress(storage, "tiny")) is None:
+            assert worker.poll() is None, "worker ended before it could be killed"
+            assert time.time() < deadline, "no trial got going in time"
+            time.sleep(0.5)
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait()
+    time.sleep(3)  # let the heartbeat go stale (grace period = 2 x 1 s)
+
+    study = study_mod.run_study(tiny_config(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [1, 1]}))
+    trials = study.get_trials(deepcopy=False)
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retried and retried[0].params == killed.params
+
+
+def _postgres_url() -> str:
+    url = os.environ.get("TRANSFERSTUDY_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("TRANSFERSTUDY_REQUIRE_SERVICES"):
+            pytest.fail("TRANSFERSTUDY_TEST_POSTGRES_URL is not set (.ci/services.sh starts PostgreSQL)")
+        pytest.skip("no PostgreSQL server: run `bash .ci/services.sh` and export TRANSFERSTUDY_TEST_POSTGRES_URL")
+    return url
+
+
+@pytest.mark.postgres
+def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch):
+    url = _postgres_url()
+    monkeypatch.chdir(tmp_path)
+    name = f"workers-{uuid.uuid4().hex[:8]}"
+    raw = tiny_raw(tmp_path, study={"name": name, "storage": url, "n_trials": 4}, search={"epochs": [1, 1]})
+    toml = write_toml(tmp_path / "tiny.toml", raw)
+    study_mod.prepare_data(tiny_config(tmp_path), show_progress=False)  # both workers then reuse the cache
+    workers = [_worker(toml, prefect_api, tmp_path) for _ in range(2)]
+    codes = [w.wait(timeout=600) for w in workers]
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("worker-*.log"))
+    assert codes == [0, 0], logs[-4000:]
+    study = optuna.load_study(study_name=name, storage=url)
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 4
+    assert logs.count("trial(s) to run") == 2  # both workers really joined the study
+    optuna.delete_study(study_name=name, storage=url)

@@ -1,0 +1,101 @@
+"""Optuna studies on real SQLite storage: objective, resume, failures, checkpoints, holdout."""
+
+import math
+
+import optuna
+import pytest
+import torch
+from helpers import tiny_config
+from optuna.trial import TrialState
+
+from transferstudy import study as study_mod
+from transferstudy.train import NonFiniteLossError
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo digits are written under ./studies/data
+
+
+def _states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_objective_runs_with_fixed_trial(tmp_path):
+    cfg = tiny_config(tmp_path)
+    prepared = study_mod.prepare_data(cfg, show_progress=False)
+    objective = study_mod.Objective(cfg, prepared, torch.device("cpu"))
+    trial = optuna.trial.FixedTrial({"unfreeze_depth": 1, "lr": 3e-3, "epochs": 2, "train_ratio": 0.7})
+    value = objective(trial)
+    assert 0.0 <= value <= 1.0
+    history = trial.user_attrs["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert trial.user_attrs["val_accuracy"] == value
+    assert trial.user_attrs["split_sizes"]["val"] > 0 and trial.user_attrs["weights"] == "none"
+
+
+def test_search_space_follows_study_file(tmp_path):
+    cfg = tiny_config(tmp_path, search={"weight_decay": [1e-6, 1e-2], "optimizer": ["adamw", "sgd"]})
+    params = study_mod.suggest(optuna.trial.FixedTrial({
+        "unfreeze_depth": 0, "lr": 1e-3, "epochs": 1, "train_ratio": 0.7, "weight_decay": 1e-3, "optimizer": "sgd"
+    }), cfg)
+    assert params["optimizer"] == "sgd" and params["weight_decay"] == 1e-3 and params["batch_size"] == 32
+
+
+def test_resume_continues_to_n_trials_in_total(tmp_path):
+    cfg = tiny_config(tmp_path)
+    first = study_mod.run_study(cfg)
+    assert _states(first).count(TrialState.COMPLETE) == 2
+    resumed = study_mod.run_study(cfg.with_overrides(study={"n_trials": 4}))
+    assert _states(resumed).count(TrialState.COMPLETE) == 4
+    assert len(resumed.trials) == 4
+    again = study_mod.run_study(cfg.with_overrides(study={"n_trials": 4}))  # nothing left to do
+    assert len(again.trials) == 4
+    assert (tmp_path / "tiny" / "config.json").is_file()
+    assert again.user_attrs["config"]["study"]["n_trials"] == 4
+
+
+def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
+    real_fit = study_mod.fit
+    calls = {"n": 0}
+
+    def flaky_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise NonFiniteLossError("training loss became nan (try a lower learning rate)")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "fit", flaky_fit)
+    study = study_mod.run_study(tiny_config(tmp_path))
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "NonFiniteLossError" in failed[0].user_attrs["error"]
+    assert _states(study).count(TrialState.COMPLETE) == 2
+
+
+def test_holdout_scores_and_checkpoint_policy(tmp_path):
+    cfg = tiny_config(tmp_path, study={"n_trials": 3})
+    study = study_mod.run_study(cfg)
+    prepared = study_mod.prepare_data(cfg, show_progress=False)
+    detail = study_mod.score_holdout(study, cfg, prepared)
+    best = study.best_trial
+    assert detail["trial"] == best.number
+    assert len(detail["confusion"]) == 10 and 0.0 <= detail["accuracy"] <= 1.0
+    assert set(study.user_attrs["holdout_top"]) == {str(t.number) for t in study_mod.top_trials(study, 2)}
+    kept = sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").glob("*.pt"))
+    assert kept == [f"trial_{best.number:04d}.pt"]
+    assert (tmp_path / "tiny" / "best.pt").is_file()
+    assert math.isfinite(study.user_attrs["holdout_top"][str(best.number)]["macro_f1"])
+
+
+def test_unreachable_storage_names_the_url(tmp_path):
+    cfg = tiny_config(tmp_path, study={"storage": "postgresql://nobody:pw@127.0.0.1:9/none"})
+    with pytest.raises(ValueError, match="127.0.0.1:9"):
+        study_mod.open_study(cfg)
+
+
+def test_broken_storage_file_names_the_file(tmp_path):
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not a database" * 100)
+    cfg = tiny_config(tmp_path, study={"storage": f"sqlite:///{broken}"})
+    with pytest.raises(ValueError, match="broken.db"):
+        study_mod.open_study(cfg)
