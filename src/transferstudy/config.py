@@ -136,7 +136,8 @@ class StudyConfig:
             "source": self.source,
             "study": dataclasses.asdict(self.study),
             "data": dataclasses.asdict(self.data),
-            "train": dataclasses.asdict(self.train),
+            # Searched keys are left out of [train]: their values come from each trial.
+            "train": {k: v for k, v in dataclasses.asdict(self.train).items() if k not in self.search.space},
             "search": dict(self.search.space),
         }
 
