@@ -38,7 +38,7 @@ class StudySection:
 
     name: str = _spec("", "Optuna study name; default: the file name without .toml")
     storage: str = _spec("sqlite:///studies/optuna.db", "any Optuna storage URL (PostgreSQL for several workers)")
-    n_trials: int = _spec(20, "complete+pruned+failed trials the study ends with, counted across runs and workers (>= 1)", lo=1)
+    n_trials: int = _spec(20, "finished (complete or pruned) trials the study ends with, counted across runs and workers; failed trials are replaced (>= 1)", lo=1)
     timeout_s: float = _spec(0.0, "stop starting new trials after this many seconds of this run; 0 = no limit", lo=0)
     objective: str = _spec("val_accuracy", "validation metric to maximise", choices=("val_accuracy", "val_macro_f1"))
     sampler: str = _spec("tpe", "tpe (seeded, multivariate) or random", choices=("tpe", "random"))

@@ -439,7 +439,8 @@ def score_holdout(study: optuna.Study, cfg: StudyConfig, prepared: PreparedData,
         log.warning("the study has no holdout (holdout_fraction = 0 and no test/ folder); skipping holdout scores")
         return None
     data = DeviceData(cache, dev)
-    summaries: dict[str, dict] = {}
+    # Earlier runs' scores stay: their checkpoints may be gone, their results are not.
+    summaries: dict[str, dict] = dict(study.user_attrs.get("holdout_top", {}))
     best_detail = None
     for rank, trial in enumerate(top_trials(study, cfg.study.report_top_k)):
         path = trial.user_attrs.get("checkpoint")
