@@ -453,6 +453,7 @@ def score_holdout(study: optuna.Study, cfg: StudyConfig, prepared: PreparedData,
         if best_detail is None:
             pred = result.probs.argmax(1)
             wrong = np.flatnonzero(pred != result.labels)
+            wrong = wrong[np.argsort(-result.probs[wrong, pred[wrong]], kind="stable")]  # most confident first
             best_detail = {
                 "trial": trial.number,
                 "rank": rank,
