@@ -47,10 +47,14 @@ def score(y_true: np.ndarray, probs: np.ndarray, num_classes: int | None = None)
     y_true = np.asarray(y_true)
     num_classes = num_classes or probs.shape[1]
     labels = np.arange(num_classes)
-    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    if len(y_true) == 0:  # an empty split (no holdout, say): NaN scores; scikit-learn refuses empty input
+        nan, zeros = float("nan"), np.zeros(num_classes)
+        counts = np.zeros(num_classes, dtype=np.int64)
+        return ClassificationScores(nan, nan, nan, nan, zeros, zeros.copy(), zeros.copy(), counts, np.zeros((num_classes, num_classes), dtype=np.int64))
+    y_pred = probs.argmax(axis=1)
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return ClassificationScores(
-        accuracy=float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
+        accuracy=float(accuracy_score(y_true, y_pred)),
         top5=top_k_accuracy(probs, y_true, 5),
         macro_f1=macro_f1(y_true, y_pred, num_classes),
         weighted_f1=float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny generated class-folder datasets, written with PIL into ``tmp_path``.
+
+Every image is a noisy background with a class-coloured rectangle at a random place, so a
+randomly initialised ResNet-50 can learn the classes in a few CPU seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+#: Rectangle colour of each generated class (up to eight classes).
+CLASS_COLOURS = [
+    (220, 30, 30),
+    (30, 200, 30),
+    (30, 30, 220),
+    (230, 210, 20),
+    (200, 30, 200),
+    (20, 200, 210),
+    (250, 140, 0),
+    (120, 120, 120),
+]
+
+
+def make_image(label: int, size: int, rng: np.random.Generator, width: int | None = None) -> Image.Image:
+    """A ``width x size`` RGB image: dark noise plus a rectangle in the class's colour."""
+    width = width or size
+    pixels = rng.integers(0, 60, size=(size, width, 3), dtype=np.uint8)
+    h, w = rng.integers(size // 2, size + 1), rng.integers(width // 2, width + 1)
+    top, left = rng.integers(0, size - h + 1), rng.integers(0, width - w + 1)
+    colour = np.array(CLASS_COLOURS[label % len(CLASS_COLOURS)], dtype=np.int16)
+    patch = colour + rng.integers(-20, 21, size=(h, w, 3))
+    pixels[top : top + h, left : left + w] = np.clip(patch, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def write_class_folders(
+    root: str | Path,
+    num_classes: int = 3,
+    per_class: int = 6,
+    test_per_class: int | None = 2,
+    size: int = 16,
+    seed: int = 0,
+    suffix: str = ".png",
+) -> Path:
+    """Write a tiny class-folder dataset and return its root.
+
+    Args:
+        test_per_class: images per class under ``test/`` (layout ``root/train/<class>`` +
+            ``root/test/<class>``); None = one pool ``root/<class>``.
+        suffix: ".png" (lossless) or ".jpg".
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    names = [f"class_{c}" for c in range(num_classes)]
+    plan = [("train", per_class), ("test", test_per_class)] if test_per_class is not None else [(None, per_class)]
+    for split, count in plan:
+        for label, name in enumerate(names):
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                make_image(label, size, rng).save(folder / f"img_{i:03d}{suffix}")
+    return root
+
+
+@pytest.fixture
+def make_dataset(tmp_path):
+    """Factory: ``make_dataset(name, **kwargs)`` writes ``write_class_folders`` under tmp_path."""
+
+    def make(name: str = "data", **kwargs) -> Path:
+        return write_class_folders(tmp_path / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def split_dataset(make_dataset) -> Path:
+    """3 classes, 6 train + 2 test images each, 16 px PNG, in ``train/`` + ``test/``."""
+    return make_dataset("split")
+
+
+@pytest.fixture
+def pool_dataset(make_dataset) -> Path:
+    """3 classes, 10 images each, 16 px PNG, as one pool ``root/<class>/``."""
+    return make_dataset("pool", per_class=10, test_per_class=None)
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def cpu() -> torch.device:
+    return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: results then do not depend on the machine's core count, and a
+    busy CI machine cannot stall every OpenMP barrier on a descheduled second thread
+    (which made a 15 s training test take minutes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
