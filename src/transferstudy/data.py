@@ -529,6 +529,14 @@ class DeviceData:
         When shuffling (training), a trailing batch of a single image is dropped: batch norm
         cannot train on it.
         """
+        for rows in self.batch_rows(indices, batch_size, shuffle, generator):
+            x = self.images.index_select(0, rows).to(self.device, non_blocking=True)
+            yield normalize(x), self.targets(rows)
+
+    def batch_rows(
+        self, indices: np.ndarray, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The row indices of each batch (on the images' device), as ``batches`` cuts them."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         if shuffle:
             idx = idx[torch.randperm(len(idx), generator=generator)]
@@ -537,6 +545,8 @@ class DeviceData:
             rows = idx[start : start + batch_size]
             if shuffle and len(rows) < 2:
                 break
-            x = self.images.index_select(0, rows).to(self.device, non_blocking=True)
-            y = self.labels.index_select(0, rows).to(self.device, non_blocking=True)
-            yield normalize(x), y
+            yield rows
+
+    def targets(self, rows: torch.Tensor) -> torch.Tensor:
+        """Labels of ``rows`` on the training device."""
+        return self.labels.index_select(0, rows.to(self.labels.device)).to(self.device, non_blocking=True)

@@ -89,17 +89,24 @@ class TransferNet(nn.Module):
         return self
 
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Output of the frozen stages: a fixed function of the input (no autograd)."""
+        """Output of the frozen stages: a fixed function of the input (no autograd).
+
+        At depth 0 the whole backbone is frozen and the pooled 2048-d vector is returned.
+        """
         with torch.no_grad():
             for stage in self.stages[: self.num_frozen]:
                 x = stage(x)
+            if self.unfreeze_depth == 0:
+                x = torch.flatten(self.pool(x), 1)
         return x
 
     def trainable_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """From frozen-stage output to logits."""
+        """From frozen-stage output (``frozen_features``) to logits."""
         for stage in self.stages[self.num_frozen :]:
             h = stage(h)
-        return self.head(torch.flatten(self.pool(h), 1))
+        if self.unfreeze_depth > 0:
+            h = torch.flatten(self.pool(h), 1)
+        return self.head(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trainable_forward(self.frozen_features(x))
@@ -144,11 +151,19 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
             f"weights file not found: {path}. weights must be \"imagenet\", \"auto\", \"none\" or a path to a "
             "torchvision ResNet-50 state_dict"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one that needs unsafe unpickling
+        raise WeightsUnavailableError(f"{path} could not be read as a state_dict ({type(exc).__name__})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path} holds a {type(state).__name__}, not a ResNet-50 state_dict")
     net = resnet50(weights=None)
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # strict=False still refuses tensors of the wrong shape
+        raise WeightsUnavailableError(f"{path} is not a ResNet-50 state_dict: {str(exc).strip().splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise WeightsUnavailableError(

@@ -41,7 +41,8 @@ from optuna.trial import TrialState
 
 from . import runtime
 from .config import StudyConfig
-from .data import Augment, DeviceData, ImageCache, holdout_protocol, load_cache, make_splits
+from .data import Augment, DeviceData, ImageCache, holdout_indices, holdout_protocol, load_cache, make_splits
+from .features import FeatureStore
 from .datasets.base import DatasetIndex
 from .model import LoadedWeights, build_model, load_checkpoint, save_checkpoint
 from .train import EpochRecord, NonFiniteLossError, TrainSettings, evaluate, fit
@@ -165,6 +166,8 @@ class Objective:
         self.data = DeviceData(prepared.cache, device)
         self.weights: LoadedWeights | None = None
         self._backbone_state: dict | None = None
+        self.pool_rows, _ = holdout_indices(prepared.cache, cfg.data.holdout_fraction, cfg.data.split_seed)
+        self.features: FeatureStore | None = None
 
     def build(self, weights: str, unfreeze_depth: int):
         """A fresh network for one trial; pretrained weights are obtained once per process."""
@@ -177,6 +180,23 @@ class Objective:
         model.load_state_dict(self._backbone_state, strict=False)
         return model
 
+    def _features(self, model, params: dict):
+        """The frozen-activation cache for this trial's depth (built by the first trial that needs it)."""
+        if params["feature_views"] == 0:
+            return None
+        if self.features is None:
+            cache = self.prepared.cache
+            aug = Augment(crop_scale=(params["crop_scale_min"], 1.0), enabled=params["augment"])
+            self.features = FeatureStore(
+                key_prefix=f"{cache.fingerprint}|{self.weights.used}",
+                num_views=params["feature_views"] if params["augment"] else 1,
+                aug=aug,
+                seed=params["train_seed"],
+                memory_fraction=params["feature_memory_fraction"],
+                disk_dir=Path(self.cfg.data.cache_dir) / "features" if self.weights.pretrained else None,
+            )
+        return self.features.get(model, self.data, self.pool_rows, self.device)
+
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
         _refuse_surplus(trial, self.cfg.study.n_trials)
         params = suggest(trial, self.cfg)
@@ -185,6 +205,7 @@ class Objective:
         splits = make_splits(cache, params["train_ratio"], self.cfg.data.holdout_fraction, self.cfg.data.split_seed)
         runtime.seed_everything(settings.seed)
         model = self.build(params["weights"], params["unfreeze_depth"])
+        features = self._features(model, params)
         _set_attrs(trial, device=runtime.describe(self.device), weights=self.weights.used, split_sizes=splits.sizes())
         history: list[dict] = []
         metric = "val_f1" if self.cfg.study.objective == "val_macro_f1" else "val_acc"
@@ -201,7 +222,7 @@ class Objective:
 
         started = time.perf_counter()
         try:
-            result = fit(model, self.data, splits.train, splits.val, settings, self.device, on_epoch_end)
+            result = fit(model, self.data, splits.train, splits.val, settings, self.device, on_epoch_end, features)
         except optuna.TrialPruned:
             raise
         except Exception as exc:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime
-from .data import Augment, DeviceData, augment_batch
+from .data import Augment, DeviceData, augment_batch, normalize
+from .features import FeatureCache
 from .metrics import ClassificationScores, macro_f1, score
 from .model import TransferNet
 
@@ -151,6 +152,19 @@ def build_scheduler(optimizer, steps_per_epoch: int, s: TrainSettings) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _train_logits(model, data, rows, s: TrainSettings, device, aug_gen, features: FeatureCache | None) -> torch.Tensor:
+    """Logits of one training batch: from cached frozen activations (one random view per
+    image) when there is a cache, else from augmented images through the whole network."""
+    if features is not None:
+        many = features.num_views > 1 and s.augment.enabled
+        view = torch.randint(features.num_views, (len(rows),), generator=aug_gen, device=aug_gen.device) if many else 0
+        h = features.take(rows, view, device)
+        return model.trainable_forward(h.contiguous(memory_format=runtime.memory_format(device)) if h.ndim == 4 else h)
+    x = data.images.index_select(0, rows).to(device, non_blocking=True)
+    x = augment_batch(normalize(x), s.augment, aug_gen).contiguous(memory_format=runtime.memory_format(device))
+    return model(x)
+
+
 def train_one_epoch(
     model: TransferNet,
     data: DeviceData,
@@ -161,6 +175,7 @@ def train_one_epoch(
     device: torch.device,
     order_gen: torch.Generator,
     aug_gen: torch.Generator,
+    features: FeatureCache | None = None,
 ) -> tuple[float, float, int]:
     """One pass over ``indices``; returns (mean loss, accuracy, images seen).
 
@@ -171,10 +186,10 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for x, y in data.batches(indices, s.batch_size, shuffle=True, generator=order_gen):
-        x = augment_batch(x, s.augment, aug_gen).contiguous(memory_format=runtime.memory_format(device))
+    for rows in data.batch_rows(indices, s.batch_size, shuffle=True, generator=order_gen):
+        y = data.targets(rows)
         with runtime.autocast(device, s.autocast):
-            logits = model(x)
+            logits = _train_logits(model, data, rows, s, device, aug_gen, features)
             loss = F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,15 +206,27 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: TransferNet, data: DeviceData, indices: np.ndarray, device: torch.device, batch_size: int = 256, use_autocast: bool = True
+    model: TransferNet,
+    data: DeviceData,
+    indices: np.ndarray,
+    device: torch.device,
+    batch_size: int = 256,
+    use_autocast: bool = True,
+    features: FeatureCache | None = None,
 ) -> EvalResult:
-    """Centre-view predictions and mean cross-entropy over ``indices``."""
+    """Centre-view predictions and mean cross-entropy over ``indices`` (from the cache's
+    centre view when ``features`` is given)."""
     model.eval()
     probs, labels, loss_sum = [], [], 0.0
-    for x, y in data.batches(indices, batch_size):
-        x = x.contiguous(memory_format=runtime.memory_format(device))
+    for rows in data.batch_rows(indices, batch_size):
+        y = data.targets(rows)
         with runtime.autocast(device, use_autocast):
-            logits = model(x).float()
+            if features is not None:
+                h = features.take(rows, 0, device)
+                logits = model.trainable_forward(h.contiguous(memory_format=runtime.memory_format(device)) if h.ndim == 4 else h).float()
+            else:
+                x = normalize(data.images.index_select(0, rows).to(device, non_blocking=True))
+                logits = model(x.contiguous(memory_format=runtime.memory_format(device))).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         probs.append(torch.softmax(logits, 1).cpu().numpy())
         labels.append(y.cpu().numpy())
@@ -217,12 +244,15 @@ def fit(
     s: TrainSettings,
     device: torch.device,
     on_epoch_end: Callable[[EpochRecord], bool | None] | None = None,
+    features: FeatureCache | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``s.epochs`` epochs and validate after each.
 
     Args:
         on_epoch_end: called with each epoch's record; returning True stops training. It may
             also raise (an Optuna pruning signal, for example), which ends ``fit``.
+        features: cached frozen-stage activations covering ``train_idx`` and ``val_idx``
+            (``features.FeatureStore``); None runs the whole network on the images.
 
     Raises:
         NonFiniteLossError: the training loss became NaN or infinite.
@@ -241,11 +271,11 @@ def fit(
     for epoch in range(1, s.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc, seen = train_one_epoch(model, data, train_idx, optimizer, scheduler, s, device, order_gen, aug_gen)
+        loss, acc, seen = train_one_epoch(model, data, train_idx, optimizer, scheduler, s, device, order_gen, aug_gen, features)
         runtime.synchronize(device)
         epoch_train_s = time.perf_counter() - t0
         train_seconds, train_images = train_seconds + epoch_train_s, train_images + seen
-        val = evaluate(model, data, val_idx, device, s.eval_batch_size, s.autocast)
+        val = evaluate(model, data, val_idx, device, s.eval_batch_size, s.autocast, features)
         record = EpochRecord(
             epoch=epoch,
             train_loss=loss,

@@ -1,0 +1,76 @@
+"""Frozen-activation cache: same training as without it, reused across trials and runs."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from transferstudy.data import Augment, DeviceData, holdout_indices, load_cache, make_splits
+from transferstudy.datasets import scan_folders
+from transferstudy.features import FeatureStore, estimate_bytes
+from transferstudy.model import build_model
+from transferstudy.train import TrainSettings, fit
+
+
+@pytest.fixture
+def tiny(make_dataset, cache_dir, cpu):
+    cache = load_cache(scan_folders(make_dataset(num_classes=3, per_class=8, size=32)), 32, cache_dir, show_progress=False)
+    pool, _ = holdout_indices(cache, 0.0, 0)
+    return cache, DeviceData(cache, cpu), pool
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_one_view_without_augmentation_matches_uncached_training(tiny, cpu, depth):
+    cache, data, pool = tiny
+    splits = make_splits(cache, 0.75, 0.0, 0)
+    settings = TrainSettings(epochs=3, lr=3e-3, batch_size=8, backbone_lr_mult=1.0, augment=Augment(enabled=False))
+    torch.manual_seed(0)
+    plain, _ = build_model(cache.num_classes, "none", depth)
+    cached = copy.deepcopy(plain)
+    uncached_run = fit(plain, data, splits.train, splits.val, settings, cpu)
+    features = FeatureStore("t", 1, settings.augment, 0, 0.5).get(cached, data, pool, cpu)
+    cached_run = fit(cached, data, splits.train, splits.val, settings, cpu, features=features)
+    for a, b in zip(uncached_run.history, cached_run.history):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4, abs=1e-5)
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-4, abs=1e-5)
+
+
+def test_store_reuses_a_depth_across_trials_and_skips_depth_five(tiny, cpu):
+    cache, data, pool = tiny
+    store = FeatureStore("t", 3, Augment(), 0, 0.5)
+    model, _ = build_model(cache.num_classes, "none", 1)
+    first = store.get(model, data, pool, cpu)
+    assert first.views.shape[:2] == (3, len(pool)) and first.depth == 1
+    assert store.get(model, data, pool, cpu) is first
+    model.set_unfreeze_depth(5)
+    assert store.get(model, data, pool, cpu) is None
+    model.set_unfreeze_depth(1)
+    assert estimate_bytes(model, 32, len(pool), 3, torch.float32) == first.nbytes
+
+
+def test_views_are_centre_mirror_and_crops(tiny, cpu):
+    cache, data, pool = tiny
+    model, _ = build_model(cache.num_classes, "none", 0)
+    views = FeatureStore("t", 4, Augment(), 0, 0.5).get(model, data, pool, cpu).views
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[2], views[3])
+    centre = model.eval().frozen_features(next(data.batches(pool[:4], 4))[0])
+    torch.testing.assert_close(views[0, :4], centre, rtol=1e-3, atol=1e-4)  # other batch size, other summation order
+
+
+def test_depth_zero_cache_is_kept_on_disk(tiny, cpu, tmp_path):
+    cache, data, pool = tiny
+    model, _ = build_model(cache.num_classes, "none", 0)
+    built = FeatureStore("t", 2, Augment(), 0, 0.5, disk_dir=tmp_path / "features").get(model, data, pool, cpu)
+    assert list((tmp_path / "features").glob("features-*.pt"))
+    loaded = FeatureStore("t", 2, Augment(), 0, 0.5, disk_dir=tmp_path / "features").get(model, data, pool, cpu)
+    assert loaded.build_seconds == 0.0
+    torch.testing.assert_close(loaded.views, built.views)
+    other_rows = FeatureStore("t", 2, Augment(), 0, 0.5, disk_dir=tmp_path / "features")
+    assert other_rows.get(model, data, np.asarray(pool[:-1]), cpu).build_seconds > 0
+
+
+def test_too_large_cache_is_skipped(tiny, cpu):
+    cache, data, pool = tiny
+    model, _ = build_model(cache.num_classes, "none", 2)
+    assert FeatureStore("t", 2, Augment(), 0, memory_fraction=0.0).get(model, data, pool, cpu) is None
