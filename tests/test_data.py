@@ -479,3 +479,14 @@ def test_device_data_batches(split_dataset, cache_dir):
     assert [len(y) for _, y in shuffled] == [3, 3]  # the single trailing image is dropped
     again = list(data.batches(idx, 3, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(shuffled, again))
+
+
+def test_changed_file_is_the_only_one_decoded_even_beside_bad_files(split_dataset, cache_dir):
+    _write_bad_files(split_dataset / "test" / "class_0")
+    load_cache(scan_folders(split_dataset), 16, cache_dir, workers=1, show_progress=False)
+    changed = split_dataset / "train" / "class_1" / "img_000.png"
+    make_image(2, 16, np.random.default_rng(9)).save(changed)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    again = load_cache(scan_folders(split_dataset), 16, cache_dir, workers=1, show_progress=False)
+    assert again.decoded == 1  # the bad files' failures are remembered, not retried
+    assert len(again.problems) == 3

@@ -133,3 +133,15 @@ def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 4
     assert logs.count("trial(s) to run") == 2  # both workers really joined the study
     optuna.delete_study(study_name=name, storage=url)
+
+
+def test_prepare_flow_writes_manifest_and_problem_table(prefect_api, tmp_path, make_dataset):
+    from flows.prepare import prepare_flow
+
+    source = make_dataset("photos", num_classes=2, per_class=4, size=16)
+    (source / "test" / "class_1" / "notes.txt").write_text("not an image")
+    outcome = prepare_flow(str(source), str(tmp_path / "prepared"))
+    assert Path(outcome["manifest"]).is_file() and outcome["images"] == 12
+    assert [Path(f).name for f, _ in outcome["problems"]] == ["notes.txt"]
+    again = prepare_flow(str(source), str(tmp_path / "prepared"))
+    assert (again["hashed"], again["decoded"]) == (0, 0)

@@ -260,3 +260,18 @@ def test_second_prepare_does_no_work_and_a_changed_file_is_picked_up(tmp_path, m
     assert str((src / "test" / CLASSES[2] / "new.jpg").absolute()) in rows.index
     assert len(rows) == 16
     assert len(list((tmp_path / "out" / "cache").iterdir())) == 1  # prepare's own cache keeps the newest decode
+
+
+def test_cli_wrong_source_or_format_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for args in (["--source", str(tmp_path / "missing")], ["--source", str(tmp_path), "--format", "stanford-devkit"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.prepare", *args, "--dest", str(tmp_path / "out")],
+            cwd=root, capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -99,3 +99,21 @@ def test_broken_storage_file_names_the_file(tmp_path):
     cfg = tiny_config(tmp_path, study={"storage": f"sqlite:///{broken}"})
     with pytest.raises(ValueError, match="broken.db"):
         study_mod.open_study(cfg)
+
+
+def test_problems_found_at_preparation_reach_the_study(tmp_path, make_dataset):
+    from transferstudy.prepare import prepare
+
+    source = make_dataset("photos", num_classes=3, per_class=6, size=16)
+    (source / "train" / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = prepare(source, tmp_path / "prepared")
+    cfg = tiny_config(
+        tmp_path,
+        study={"n_trials": 1},
+        data={"path": str(result.manifest_path)},
+        search={"unfreeze_depth": [0], "epochs": [1, 1]},
+    )
+    study = study_mod.run_study(cfg)
+    problems = study.user_attrs["dataset"]["problems"]
+    assert any(path.endswith("broken.jpg") for path, _ in problems)
+    assert study.user_attrs["dataset"]["source"] == "manifest"

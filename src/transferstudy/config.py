@@ -86,6 +86,7 @@ class TrainSection:
     crop_scale_min: float = _spec(0.35, "smallest random-crop area, as a share of the image (0..1]", lo=0.0, hi=1.0, lo_open=True)
     train_seed: int = _spec(0, "seed of head init, batch order and augmentation")
     eval_batch_size: int = _spec(256, "images per forward pass when evaluating (>= 1)", lo=1)
+    compile: bool = _spec(False, "torch.compile the trainable stages (one-off compile per trial; for long GPU trials)")
     feature_views: int = _spec(4, "views per image in the frozen-activation cache (centre, mirror, crops); 0 = no cache", lo=0, hi=64)
     feature_memory_fraction: float = _spec(0.5, "largest share of free GPU (or host) memory the frozen-activation cache may take", lo=0.0, hi=0.95)
 

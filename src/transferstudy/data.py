@@ -39,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: possible decompression bombs instead of being decoded.
 MAX_IMAGE_PIXELS = 178_956_970
 #: Bump when the on-disk cache layout or the decoding changes, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 RESIZE_MODES = ("center_crop", "stretch")
 
 
@@ -198,7 +198,8 @@ def _fingerprint(index: DatasetIndex, keys, image_size: int, resize_mode: str) -
 
 
 def _previous_rows(cache_dir: Path, image_size: int, resize_mode: str, root: Path):
-    """Rows of the newest earlier cache of the same dataset and settings, by file key."""
+    """The newest earlier cache of the same dataset and settings: (images, row by file key,
+    failure reason by file key), so unchanged files are neither decoded nor retried."""
     candidates = []
     for meta_path in cache_dir.glob("*/meta.json"):
         try:
@@ -210,13 +211,14 @@ def _previous_rows(cache_dir: Path, image_size: int, resize_mode: str, root: Pat
         ):
             candidates.append((meta_path.stat().st_mtime, meta_path.parent, meta))
     if not candidates:
-        return None, {}
+        return None, {}, {}
     _, folder, meta = max(candidates, key=lambda c: c[0])
+    failed = {key: reason for _, key, reason in meta.get("failed", [])}
     try:
         images = np.load(folder / "images.npy", mmap_mode="r")
     except (OSError, ValueError):
-        return None, {}
-    return images, {key: row for row, key in enumerate(meta["keys"])}
+        return None, {}, failed
+    return images, {key: row for row, key in enumerate(meta["keys"])}, failed
 
 
 def load_cache(
@@ -242,11 +244,13 @@ def load_cache(
     fingerprint = _fingerprint(index, keys, image_size, resize_mode)
     folder = cache_dir / fingerprint
     if (folder / "meta.json").is_file() and (folder / "images.npy").is_file():
-        cache = _read_cache(folder, index)
+        cache = _read_cache(folder, index, problems)
         log.info("image cache %s reused: %d images at %d px, nothing decoded", fingerprint, len(cache), image_size)
         return cache
 
-    old_images, old_rows = _previous_rows(cache_dir, image_size, resize_mode, index.root) if cache_dir.is_dir() else (None, {})
+    old_images, old_rows, old_failed = (
+        _previous_rows(cache_dir, image_size, resize_mode, index.root) if cache_dir.is_dir() else (None, {}, {})
+    )
     images = np.zeros((len(index.samples), image_size, image_size, 3), dtype=np.uint8)
     ok = np.zeros(len(index.samples), dtype=bool)
     reasons: dict[int, str] = {}
@@ -258,12 +262,16 @@ def load_cache(
         if row is not None and old_images is not None:
             images[i] = old_images[row]
             ok[i] = True
+        elif key in old_failed:
+            reasons[i] = old_failed[key]
         else:
             jobs.append((i, str(s.path), image_size, resize_mode, s.bbox))
     if jobs:
         _decode_all(jobs, images, ok, reasons, workers, show_progress)
-    problems += [Problem(str(index.samples[i].path), r) for i, r in sorted(reasons.items())]
-    problems = sorted(index.problems + problems, key=lambda p: p.path)
+    failed = [(str(index.samples[i].path), keys[i], r) for i, r in sorted(reasons.items())]
+    problems = sorted(index.problems + problems + [Problem(p, r) for p, _, r in failed], key=lambda p: p.path)
+    for p in problems:
+        log.warning("skipped %s: %s", p.path, p.reason)
     keep = np.flatnonzero(ok)
     cache = ImageCache(
         images=images[keep] if len(keep) < len(images) else images,
@@ -278,13 +286,11 @@ def load_cache(
         decoded=len(jobs),
     )
     cache.warnings = check_classes(cache)
-    _write_cache(folder, cache, [keys[i] for i in keep], index.root)
+    _write_cache(folder, cache, [keys[i] for i in keep], index.root, failed)
     log.info(
         "image cache %s built: %d images at %d px (%d decoded, %d reused, %d skipped)",
-        fingerprint, len(cache), image_size, len(jobs), int(ok.sum()) - len(jobs) + len(reasons), len(problems),
+        fingerprint, len(cache), image_size, len(jobs), len(index.samples) - len(jobs), len(problems),
     )
-    for p in problems:
-        log.warning("skipped %s: %s", p.path, p.reason)
     return cache
 
 
@@ -311,9 +317,9 @@ def _collect(results, images, ok, reasons, bar) -> None:
         bar.update(1)
 
 
-def _write_cache(folder: Path, cache: ImageCache, keys: list[str], root: Path) -> None:
+def _write_cache(folder: Path, cache: ImageCache, keys: list[str], root: Path, failed: list[tuple[str, str, str]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "images.npy.tmp"
+    tmp = folder / f"images.npy.{os.getpid()}.tmp"  # workers that build together never share a file
     with open(tmp, "wb") as f:
         np.save(f, cache.images)
     meta = {
@@ -326,22 +332,26 @@ def _write_cache(folder: Path, cache: ImageCache, keys: list[str], root: Path) -
         "keys": keys,
         "labels": cache.labels.tolist(),
         "splits": cache.splits.tolist(),
-        "problems": [[p.path, p.reason] for p in cache.problems],
+        "failed": [list(f) for f in failed],
         "warnings": cache.warnings,
     }
     os.replace(tmp, folder / "images.npy")  # images first: meta.json marks a complete cache
-    (folder / "meta.json").write_text(json.dumps(meta))
+    tmp_meta = folder / f"meta.json.{os.getpid()}.tmp"
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, folder / "meta.json")
 
 
-def _read_cache(folder: Path, index: DatasetIndex) -> ImageCache:
+def _read_cache(folder: Path, index: DatasetIndex, unreadable: list[Problem]) -> ImageCache:
+    """A complete cache; its problems are this scan's plus the decode failures it recorded."""
     meta = json.loads((folder / "meta.json").read_text())
+    failed = [Problem(path, reason) for path, _, reason in meta["failed"]]
     return ImageCache(
         images=np.load(folder / "images.npy", mmap_mode="r"),
         labels=np.array(meta["labels"], dtype=np.int64),
         splits=np.array(meta["splits"], dtype="<U5"),
         paths=meta["paths"],
         class_names=meta["class_names"],
-        problems=[Problem(p, r) for p, r in meta["problems"]],
+        problems=sorted(index.problems + unreadable + failed, key=lambda p: p.path),
         fingerprint=folder.name,
         image_size=meta["image_size"],
         resize_mode=meta["resize_mode"],

@@ -148,6 +148,7 @@ def train_settings(params: dict) -> TrainSettings:
         augment=Augment(crop_scale=(params["crop_scale_min"], 1.0), enabled=params["augment"]),
         eval_batch_size=params["eval_batch_size"],
         seed=params["train_seed"],
+        compile=params["compile"],
     )
 
 
