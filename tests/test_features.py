@@ -52,22 +52,45 @@ def test_store_reuses_a_depth_across_trials_and_skips_depth_five(tiny, cpu):
 def test_views_are_centre_mirror_and_crops(tiny, cpu):
     cache, data, pool = tiny
     model, _ = build_model(cache.num_classes, "none", 0)
-    views = FeatureStore("t", 4, Augment(), 0, 0.5).get(model, data, pool, cpu).views
+    features = FeatureStore("t", 4, Augment(), 0, 0.5).get(model, data, pool, cpu)
+    assert features.built == [False] * 4  # nothing is computed before training needs it
+    for v in range(4):
+        features.ensure_view(v, model, data, cpu)
+    views = features.views
     assert not torch.equal(views[0], views[1]) and not torch.equal(views[2], views[3])
     centre = model.eval().frozen_features(next(data.batches(pool[:4], 4))[0])
     torch.testing.assert_close(views[0, :4], centre, rtol=1e-3, atol=1e-4)  # other batch size, other summation order
 
 
+def test_views_are_built_on_first_use_and_reused_by_later_trials(tiny, cpu):
+    cache, data, pool = tiny
+    splits = make_splits(cache, 0.75, 0.0, 0)
+    store = FeatureStore("t", 4, Augment(), 0, 0.5)
+    settings = TrainSettings(epochs=3, lr=1e-3, batch_size=8)
+    first_model, _ = build_model(cache.num_classes, "none", 1)
+    features = store.get(first_model, data, pool, cpu)
+    fit(first_model, data, splits.train, splits.val, settings, cpu, features=features)
+    assert features.built == [True, True, True, False]  # epochs 1-3 used views 0-2
+    spent = features.build_seconds
+    second_model, _ = build_model(cache.num_classes, "none", 1)
+    assert store.get(second_model, data, pool, cpu) is features
+    fit(second_model, data, make_splits(cache, 0.5, 0.0, 0).train, splits.val, settings, cpu, features=features)
+    assert features.build_seconds == spent  # a later trial of the same depth runs no frozen stage
+
+
 def test_depth_zero_cache_is_kept_on_disk(tiny, cpu, tmp_path):
     cache, data, pool = tiny
     model, _ = build_model(cache.num_classes, "none", 0)
-    built = FeatureStore("t", 2, Augment(), 0, 0.5, disk_dir=tmp_path / "features").get(model, data, pool, cpu)
+    store = FeatureStore("t", 2, Augment(), 0, 0.5, disk_dir=tmp_path / "features")
+    built = store.get(model, data, pool, cpu)
+    built.ensure_view(0, model, data, cpu)
+    store.save(built, 32)
     assert list((tmp_path / "features").glob("features-*.pt"))
     loaded = FeatureStore("t", 2, Augment(), 0, 0.5, disk_dir=tmp_path / "features").get(model, data, pool, cpu)
-    assert loaded.build_seconds == 0.0
-    torch.testing.assert_close(loaded.views, built.views)
+    assert loaded.built == [True, False] and loaded.build_seconds == 0.0
+    torch.testing.assert_close(loaded.views[0], built.views[0])
     other_rows = FeatureStore("t", 2, Augment(), 0, 0.5, disk_dir=tmp_path / "features")
-    assert other_rows.get(model, data, np.asarray(pool[:-1]), cpu).build_seconds > 0
+    assert other_rows.get(model, data, np.asarray(pool[:-1]), cpu).built == [False, False]
 
 
 def test_too_large_cache_is_skipped(tiny, cpu):

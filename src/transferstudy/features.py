@@ -2,21 +2,24 @@
 
 For unfreeze depth ``k`` the bottom ``5 - k`` stages are frozen (eval-mode batch norm, no
 gradients), so their output is a fixed function of the input image. Instead of recomputing
-it every epoch of every trial, it is computed once per (dataset, weights, resolution, depth,
-views) for ``V`` fixed views of each image and reused:
+it every epoch of every trial, it is kept per (dataset, weights, resolution, depth, views)
+for ``V`` fixed views of every pool image and reused:
 
     view 0      the centre view (also what validation uses)
     view 1      its horizontal mirror
     view 2..V-1 seeded random-resized crops (with random flips)
 
-Each training epoch draws one view per image, so augmentation comes from a fixed pool of V
-views instead of fresh random crops: the price of not running the frozen stages again. With
-V = 1 and augmentation off, cached and uncached training compute the same thing.
+Training epoch ``e`` uses view ``(e - 1) mod V``, and a view is built the first time an
+epoch (or a validation pass) needs it, in one pass over the pool: so the first trial of a
+depth costs about what it would without the cache, and every later epoch or trial that
+comes back to a view skips the frozen stages. Augmentation thus comes from a fixed pool of V
+views instead of fresh crops every epoch: the price of not running the frozen stages again.
+With V = 1 and augmentation off, cached and uncached training compute the same thing.
 
 Depth 0 caches the pooled 2048-d features (tiny; also kept on disk across runs); deeper
-settings cache feature maps, whose size is computed before anything is built: they live on
-the GPU when they fit the allowed share of free memory, else in (pinned) host memory, else
-the cache is skipped and training runs the frozen stages as usual.
+settings cache feature maps, whose size is computed before anything is allocated: they live
+on the GPU when they fit the allowed share of free memory, else in (pinned) host memory,
+else the cache is skipped and training runs the frozen stages as usual.
 """
 
 from __future__ import annotations
@@ -43,18 +46,24 @@ BUILD_BATCH = 128
 
 @dataclass
 class FeatureCache:
-    """Cached frozen-stage outputs of some cache rows, for ``V`` views.
+    """Frozen-stage outputs of the study's pool rows for ``V`` views, each view built on first use.
 
     Attributes:
         views: ``(V, N, ...)`` activations; row ``position[r]`` belongs to cache row ``r``.
         position: ``(num_rows,)`` long tensor on the views' device, -1 where a row is absent.
-        depth: the unfreeze depth whose frozen stages produced it.
-        build_seconds: how long building took (0 when loaded from disk).
+        rows: the cache rows covered (every pool image), in build order.
+        built: which views hold activations already.
+        depth: the unfreeze depth whose frozen stages produce it.
+        build_seconds: time spent building views so far.
     """
 
     views: torch.Tensor
     position: torch.Tensor
+    rows: np.ndarray
+    built: list[bool]
     depth: int
+    aug: Augment
+    seed: int
     build_seconds: float = 0.0
 
     @property
@@ -65,14 +74,34 @@ class FeatureCache:
     def nbytes(self) -> int:
         return self.views.numel() * self.views.element_size()
 
-    def take(self, rows: torch.Tensor, view: torch.Tensor | int, device: torch.device) -> torch.Tensor:
-        """Activations of cache ``rows`` (one view each, or the same view for all) on ``device``."""
+    def view_for_epoch(self, epoch: int) -> int:
+        """Epoch 1 uses the centre view, epoch 2 the mirror, then the crops, cycling."""
+        return (epoch - 1) % self.num_views
+
+    def take(self, rows: torch.Tensor, view: int, device: torch.device) -> torch.Tensor:
+        """Activations of cache ``rows`` for one view, on ``device``."""
         pos = self.position[rows.to(self.position.device)]
-        if isinstance(view, int):
-            out = self.views[view].index_select(0, pos)
-        else:
-            out = self.views[view.to(self.views.device), pos]
-        return out.to(device, non_blocking=True)
+        return self.views[view].index_select(0, pos).to(device, non_blocking=True)
+
+    @torch.no_grad()
+    def ensure_view(self, view: int, model: TransferNet, data: DeviceData, device: torch.device) -> None:
+        """Run the frozen stages over every covered row for ``view``, unless already done."""
+        if self.built[view]:
+            return
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        gen = runtime.generator(self.seed * 1000 + view, device)
+        for start in range(0, len(self.rows), BUILD_BATCH):
+            x, _ = next(data.batches(self.rows[start : start + BUILD_BATCH], BUILD_BATCH))
+            x = _view(x, view, self.aug, gen).contiguous(memory_format=runtime.memory_format(device))
+            with runtime.autocast(device):
+                h = model.frozen_features(x)
+            self.views[view, start : start + len(h)] = h.to(self.views.device, dtype=self.views.dtype)
+        model.train(was_training)
+        runtime.synchronize(device)
+        self.built[view] = True
+        self.build_seconds += time.perf_counter() - started
 
 
 def activation_shape(model: TransferNet, image_size: int) -> tuple[int, ...]:
@@ -115,52 +144,33 @@ def storage_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _view(x: torch.Tensor, v: int, aug: Augment, seed: int) -> torch.Tensor:
+def _view(x: torch.Tensor, v: int, aug: Augment, gen: torch.Generator) -> torch.Tensor:
     if v == 0:
         return x
     if v == 1:
         return x.flip(-1)
-    gen = runtime.generator(seed * 1000 + v, x.device)
     return augment_batch(x, aug, gen)
 
 
-@torch.no_grad()
-def build_feature_cache(
-    model: TransferNet,
-    data: DeviceData,
-    rows: np.ndarray,
-    num_views: int,
-    aug: Augment,
-    seed: int,
-    device: torch.device,
-    placement: torch.device,
+def allocate_feature_cache(
+    model: TransferNet, rows: np.ndarray, num_rows: int, num_views: int, aug: Augment, seed: int,
+    device: torch.device, placement: torch.device, image_size: int,
 ) -> FeatureCache:
-    """Run the frozen stages over ``rows`` once per view and keep the outputs on ``placement``."""
-    started = time.perf_counter()
-    model.eval()
-    dtype = storage_dtype(device)
-    shape = activation_shape(model, data.images.shape[1])
-    views = torch.empty((num_views, len(rows), *shape), dtype=dtype, device=placement)
+    """Reserve the memory of a cache; views are built as training first needs them."""
+    shape = activation_shape(model, image_size)
+    views = torch.empty((num_views, len(rows), *shape), dtype=storage_dtype(device), device=placement)
     if placement.type == "cpu" and device.type == "cuda":
         views = views.pin_memory()
-    for v in range(num_views):
-        for start in range(0, len(rows), BUILD_BATCH):
-            x, _ = next(data.batches(rows[start : start + BUILD_BATCH], BUILD_BATCH))
-            x = _view(x, v, aug, seed).contiguous(memory_format=runtime.memory_format(device))
-            with runtime.autocast(device):
-                h = model.frozen_features(x)
-            views[v, start : start + len(h)] = h.to(placement, dtype=dtype)
-    position = torch.full((len(data.labels),), -1, dtype=torch.long)
+    position = torch.full((num_rows,), -1, dtype=torch.long)
     position[torch.as_tensor(rows)] = torch.arange(len(rows))
-    runtime.synchronize(device)
-    return FeatureCache(views, position.to(placement), model.unfreeze_depth, time.perf_counter() - started)
+    return FeatureCache(views, position.to(placement), np.asarray(rows), [False] * num_views, model.unfreeze_depth, aug, seed)
 
 
 class FeatureStore:
     """The caches of one process (a study worker), keyed by what determines their content.
 
     Holds at most ``max_entries`` caches in memory (the least recently used goes first);
-    depth-0 caches are also written to ``disk_dir`` so later runs skip building them.
+    depth-0 caches are also written to ``disk_dir`` (``save``) so later runs reuse them.
     """
 
     def __init__(self, key_prefix: str, num_views: int, aug: Augment, seed: int, memory_fraction: float,
@@ -168,67 +178,75 @@ class FeatureStore:
         self.key_prefix, self.num_views, self.aug, self.seed = key_prefix, num_views, aug, seed
         self.memory_fraction, self.max_entries = memory_fraction, max_entries
         self.disk_dir = Path(disk_dir) if disk_dir else None
-        self._caches: dict[int, FeatureCache | None] = {}
+        self._caches: dict[int, FeatureCache] = {}
+        self._saved: dict[int, list[bool]] = {}
 
     def key(self, depth: int, image_size: int) -> str:
         text = f"{self.key_prefix}|{image_size}|{depth}|{self.num_views}|{self.aug}|{self.seed}"
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def get(self, model: TransferNet, data: DeviceData, rows: np.ndarray, device: torch.device) -> FeatureCache | None:
-        """The cache for the model's depth, built on first use; None when depth 5 or it does not fit."""
+        """The cache for the model's depth (views are built as training needs them); None at
+        depth 5, where nothing is frozen, or when the cache does not fit."""
         depth = model.unfreeze_depth
         if depth == 5 or self.num_views < 1:
             return None
         if depth in self._caches:
             self._caches[depth] = self._caches.pop(depth)  # most recently used last
             return self._caches[depth]
-        cache = self._load(depth, data, rows, device) or self._build(model, data, rows, device)
-        while len(self._caches) >= self.max_entries:
-            self._caches.pop(next(iter(self._caches)))
-            runtime.release_memory(device)
-        self._caches[depth] = cache
+        for old in list(self._caches)[: max(0, len(self._caches) - self.max_entries + 1)]:
+            self._caches.pop(old)  # make room before measuring what is free
+        runtime.release_memory(device)
+        cache = self._load(model, data, rows, device) or self._allocate(model, data, rows, device)
+        if cache is not None:
+            self._caches[depth] = cache
         return cache
 
-    def _build(self, model, data, rows, device) -> FeatureCache | None:
-        dtype = storage_dtype(device)
-        nbytes = estimate_bytes(model, data.images.shape[1], len(rows), self.num_views, dtype)
-        for depth in [d for d in self._caches if d != model.unfreeze_depth]:
-            self._caches.pop(depth)  # make room before measuring what is free
-        runtime.release_memory(device)
+    def _allocate(self, model, data, rows, device) -> FeatureCache | None:
+        image_size = data.images.shape[1]
+        nbytes = estimate_bytes(model, image_size, len(rows), self.num_views, storage_dtype(device))
         placement = choose_placement(nbytes, device, self.memory_fraction)
         if placement is None:
             log.info("frozen-activation cache for depth %d skipped: %.2f GB does not fit", model.unfreeze_depth, nbytes / 1e9)
             return None
-        cache = build_feature_cache(model, data, rows, self.num_views, self.aug, self.seed, device, placement)
         log.info(
-            "frozen-activation cache for depth %d: %d images x %d views, %.2f GB on %s, built in %.1f s",
-            model.unfreeze_depth, len(rows), self.num_views, nbytes / 1e9, placement, cache.build_seconds,
+            "frozen-activation cache for depth %d: %d images x %d views, %.2f GB on %s",
+            model.unfreeze_depth, len(rows), self.num_views, nbytes / 1e9, placement,
         )
-        if model.unfreeze_depth == 0 and self.disk_dir is not None:
-            self._save(cache, data, rows)
-        return cache
+        return allocate_feature_cache(model, rows, len(data.labels), self.num_views, self.aug, self.seed, device, placement, image_size)
 
     def _path(self, depth: int, image_size: int) -> Path | None:
-        return self.disk_dir / f"features-{self.key(depth, image_size)}.pt" if self.disk_dir else None
+        return self.disk_dir / f"features-{self.key(depth, image_size)}.pt" if self.disk_dir and depth == 0 else None
 
-    def _save(self, cache: FeatureCache, data: DeviceData, rows: np.ndarray) -> None:
-        path = self._path(0, data.images.shape[1])
+    def save(self, cache: FeatureCache | None, image_size: int) -> None:
+        """Write a depth-0 cache's built views to disk (when a disk folder is set and they changed)."""
+        path = self._path(cache.depth, image_size) if cache is not None else None
+        if path is None or not any(cache.built) or self._saved.get(cache.depth) == cache.built:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"views": cache.views.cpu(), "rows": torch.as_tensor(rows)}, tmp)
+        torch.save({"views": cache.views.cpu(), "rows": torch.as_tensor(cache.rows), "built": list(cache.built)}, tmp)
         tmp.replace(path)
+        self._saved[cache.depth] = list(cache.built)
 
-    def _load(self, depth: int, data: DeviceData, rows: np.ndarray, device: torch.device) -> FeatureCache | None:
-        path = self._path(depth, data.images.shape[1]) if depth == 0 else None
+    def _load(self, model, data, rows, device) -> FeatureCache | None:
+        path = self._path(model.unfreeze_depth, data.images.shape[1])
         if path is None or not path.is_file():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if not torch.equal(saved["rows"], torch.as_tensor(rows)):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file: rebuild instead
+            log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
             return None
+        if not torch.equal(saved["rows"], torch.as_tensor(rows)) or len(saved["built"]) != self.num_views:
+            return None
+        image_size = data.images.shape[1]
         placement = choose_placement(saved["views"].numel() * saved["views"].element_size(), device, self.memory_fraction)
         if placement is None:
             return None
-        position = torch.full((len(data.labels),), -1, dtype=torch.long)
-        position[saved["rows"]] = torch.arange(len(rows))
-        log.info("frozen-activation cache for depth 0 loaded from %s", path)
-        return FeatureCache(saved["views"].to(placement), position.to(placement), 0)
+        cache = allocate_feature_cache(model, rows, len(data.labels), self.num_views, self.aug, self.seed, device, placement, image_size)
+        cache.views.copy_(saved["views"])
+        cache.built = list(saved["built"])
+        self._saved[cache.depth] = list(cache.built)
+        log.info("frozen-activation cache for depth 0 loaded from %s (%d of %d views built)", path, sum(cache.built), self.num_views)
+        return cache

@@ -232,6 +232,9 @@ class Objective:
         finally:
             _set_attrs(trial, train_seconds=time.perf_counter() - started)
             runtime.release_memory(self.device)
+        if features is not None:
+            self.features.save(features, self.prepared.cache.image_size)
+            _set_attrs(trial, feature_cache={"views_built": sum(features.built), "build_seconds": features.build_seconds})
         final = result.final
         _set_attrs(
             trial,

@@ -155,14 +155,16 @@ def build_scheduler(optimizer, steps_per_epoch: int, s: TrainSettings) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _train_logits(model, data, rows, s: TrainSettings, device, aug_gen, features: FeatureCache | None) -> torch.Tensor:
-    """Logits of one training batch: from cached frozen activations (one random view per
-    image) when there is a cache, else from augmented images through the whole network."""
+def _cached_logits(model: TransferNet, features: FeatureCache, rows: torch.Tensor, view: int, device) -> torch.Tensor:
+    h = features.take(rows, view, device)
+    return model.trainable_forward(h.contiguous(memory_format=runtime.memory_format(device)) if h.ndim == 4 else h)
+
+
+def _train_logits(model, data, rows, s: TrainSettings, device, aug_gen, features: FeatureCache | None, view: int) -> torch.Tensor:
+    """Logits of one training batch: from cached frozen activations of this epoch's view when
+    there is a cache, else from freshly augmented images through the whole network."""
     if features is not None:
-        many = features.num_views > 1 and s.augment.enabled
-        view = torch.randint(features.num_views, (len(rows),), generator=aug_gen, device=aug_gen.device) if many else 0
-        h = features.take(rows, view, device)
-        return model.trainable_forward(h.contiguous(memory_format=runtime.memory_format(device)) if h.ndim == 4 else h)
+        return _cached_logits(model, features, rows, view, device)
     x = data.images.index_select(0, rows).to(device, non_blocking=True)
     x = augment_batch(normalize(x), s.augment, aug_gen).contiguous(memory_format=runtime.memory_format(device))
     return model(x)
@@ -179,12 +181,19 @@ def train_one_epoch(
     order_gen: torch.Generator,
     aug_gen: torch.Generator,
     features: FeatureCache | None = None,
+    epoch: int = 1,
 ) -> tuple[float, float, int]:
     """One pass over ``indices``; returns (mean loss, accuracy, images seen).
+
+    With ``features``, epoch ``e`` trains on the cache's view for that epoch (built first if
+    this is its first use) instead of running the frozen stages.
 
     Loss and hits are summed on the device and read once at the end, so the loop never
     waits for the GPU between steps.
     """
+    view = features.view_for_epoch(epoch) if features is not None and s.augment.enabled else 0
+    if features is not None:
+        features.ensure_view(view, model, data, device)
     model.train()
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device, dtype=torch.long)
@@ -192,7 +201,7 @@ def train_one_epoch(
     for rows in data.batch_rows(indices, s.batch_size, shuffle=True, generator=order_gen):
         y = data.targets(rows)
         with runtime.autocast(device, s.autocast):
-            logits = _train_logits(model, data, rows, s, device, aug_gen, features)
+            logits = _train_logits(model, data, rows, s, device, aug_gen, features, view)
             loss = F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,14 +228,15 @@ def evaluate(
 ) -> EvalResult:
     """Centre-view predictions and mean cross-entropy over ``indices`` (from the cache's
     centre view when ``features`` is given)."""
+    if features is not None:
+        features.ensure_view(0, model, data, device)
     model.eval()
     probs, labels, loss_sum = [], [], 0.0
     for rows in data.batch_rows(indices, batch_size):
         y = data.targets(rows)
         with runtime.autocast(device, use_autocast):
             if features is not None:
-                h = features.take(rows, 0, device)
-                logits = model.trainable_forward(h.contiguous(memory_format=runtime.memory_format(device)) if h.ndim == 4 else h).float()
+                logits = _cached_logits(model, features, rows, 0, device).float()
             else:
                 x = normalize(data.images.index_select(0, rows).to(device, non_blocking=True))
                 logits = model(x.contiguous(memory_format=runtime.memory_format(device))).float()
@@ -276,7 +286,7 @@ def fit(
     for epoch in range(1, s.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc, seen = train_one_epoch(model, data, train_idx, optimizer, scheduler, s, device, order_gen, aug_gen, features)
+        loss, acc, seen = train_one_epoch(model, data, train_idx, optimizer, scheduler, s, device, order_gen, aug_gen, features, epoch)
         runtime.synchronize(device)
         epoch_train_s = time.perf_counter() - t0
         train_seconds, train_images = train_seconds + epoch_train_s, train_images + seen
