@@ -15,11 +15,12 @@ USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailableError, FileNotFoundE
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """Engine progress (epochs, trials, decoding) on the console and in the flow-run logs."""
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Importing Prefect already configured the root logger (level WARNING, its console
+    # handler), which makes basicConfig a no-op: set our own level explicitly.
+    logging.getLogger("transferstudy").setLevel(level)
     for noisy in ("httpx", "httpcore", "alembic", "aiosqlite", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -35,11 +35,15 @@ def resolve_config(
     storage: str | None = None,
     study_name: str | None = None,
     device: str | None = None,
+    sampler_seed: int | None = None,
 ) -> StudyConfig:
     """The study file with command-line overrides applied (validated again)."""
     cfg = config_mod.load_config(config)
     return cfg.with_overrides(
-        study={"n_trials": n_trials, "timeout_s": timeout, "storage": storage, "name": study_name, "device": device},
+        study={
+            "n_trials": n_trials, "timeout_s": timeout, "storage": storage, "name": study_name, "device": device,
+            "sampler_seed": sampler_seed,
+        },
         data={"path": data, "format": "auto" if data else None},
     )
 
@@ -117,10 +121,11 @@ def study_flow(
     storage: str | None = None,
     study_name: str | None = None,
     device: str | None = None,
+    sampler_seed: int | None = None,
     report: bool = True,
 ) -> str | None:
     """Prepare the dataset, run (or resume) the study, write the report; returns the report path."""
-    cfg = resolve_config(config, data, n_trials, timeout, storage, study_name, device)
+    cfg = resolve_config(config, data, n_trials, timeout, storage, study_name, device, sampler_seed)
     prepare_data(cfg)
     outcome = run_study(cfg)
     key = _artifact_key(cfg.study.name)
@@ -150,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default: the study file's, sqlite:///studies/optuna.db)")
     p.add_argument("--study-name", help="Optuna study name (default: the study file's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default: auto)")
+    p.add_argument("--sampler-seed", type=int, help="sampler seed (give workers that start together different seeds)")
     p.add_argument("--no-report", action="store_true", help="skip the report (extra workers of a shared study)")
     p.add_argument("--serve", action="store_true", help="serve a deployment of this flow (Prefect server needed)")
     p.add_argument("--cron", help="with --serve: schedule, e.g. \"0 3 * * *\"")
@@ -163,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     # Validate before Prefect starts, so a bad study file is one line, not a failed flow run.
-    cfg = resolve_config(args.config, args.data, args.n_trials, args.timeout, args.storage, args.study_name, args.device)
+    cfg = resolve_config(
+        args.config, args.data, args.n_trials, args.timeout, args.storage, args.study_name, args.device, args.sampler_seed
+    )
     params = {
         "config": args.config, "data": args.data, "n_trials": args.n_trials, "timeout": args.timeout,
-        "storage": args.storage, "study_name": args.study_name, "device": args.device, "report": not args.no_report,
+        "storage": args.storage, "study_name": args.study_name, "device": args.device,
+        "sampler_seed": args.sampler_seed, "report": not args.no_report,
     }
     if args.serve:
         if not (args.cron or args.interval):

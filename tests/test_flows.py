@@ -125,7 +125,7 @@ def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch
     raw = tiny_raw(tmp_path, study={"name": name, "storage": url, "n_trials": 4}, search={"epochs": [1, 1]})
     toml = write_toml(tmp_path / "tiny.toml", raw)
     study_mod.prepare_data(tiny_config(tmp_path), show_progress=False)  # both workers then reuse the cache
-    workers = [_worker(toml, prefect_api, tmp_path) for _ in range(2)]
+    workers = [_worker(toml, prefect_api, tmp_path, "--sampler-seed", str(seed)) for seed in (1, 2)]
     codes = [w.wait(timeout=600) for w in workers]
     logs = "\n".join(p.read_text() for p in tmp_path.glob("worker-*.log"))
     assert codes == [0, 0], logs[-4000:]

@@ -26,11 +26,14 @@ def _free_port() -> int:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> bytes:
+    # A private opener without proxies: urllib's global one keeps whatever proxy settings the
+    # first download of the process saw (an offline test sets a dead one on purpose).
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.time() + seconds
     while time.time() < deadline:
         assert proc.poll() is None, f"server exited with {proc.returncode}"
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with opener.open(url, timeout=2) as r:
                 return r.read()
         except OSError:
             time.sleep(0.5)

@@ -49,6 +49,8 @@ def test_resume_continues_to_n_trials_in_total(tmp_path):
     resumed = study_mod.run_study(cfg.with_overrides(study={"n_trials": 4}))
     assert _states(resumed).count(TrialState.COMPLETE) == 4
     assert len(resumed.trials) == 4
+    params = [t.params for t in resumed.trials]
+    assert params[2:] != params[:2]  # the resumed run does not replay the first run's suggestions
     again = study_mod.run_study(cfg.with_overrides(study={"n_trials": 4}))  # nothing left to do
     assert len(again.trials) == 4
     assert (tmp_path / "tiny" / "config.json").is_file()

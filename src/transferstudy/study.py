@@ -324,8 +324,14 @@ def create_storage(url: str, heartbeat_s: int = 30) -> optuna.storages.BaseStora
         raise ValueError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
 
-def build_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    seed = cfg.study.sampler_seed
+def build_sampler(cfg: StudyConfig, existing_trials: int = 0) -> optuna.samplers.BaseSampler:
+    """The seeded sampler of one run.
+
+    The seed moves on with the number of trials already in the study: a fresh study is
+    reproducible from ``sampler_seed``, and a resumed one does not replay the suggestions of
+    its first run.
+    """
+    seed = cfg.study.sampler_seed + 7919 * existing_trials
     if cfg.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     startup = max(3, min(10, cfg.study.n_trials // 3))
@@ -346,10 +352,14 @@ def build_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
 def open_study(cfg: StudyConfig) -> optuna.Study:
     """Create the study or load it to resume (same name, same storage)."""
     storage = create_storage(cfg.study.storage, cfg.study.heartbeat_s)
+    try:
+        existing = len(storage.get_all_trials(storage.get_study_id_from_name(cfg.study.name), deepcopy=False))
+    except KeyError:  # a new study
+        existing = 0
     return optuna.create_study(
         study_name=cfg.study.name,
         storage=storage,
-        sampler=build_sampler(cfg),
+        sampler=build_sampler(cfg, existing),
         pruner=build_pruner(cfg),
         direction="maximize",
         load_if_exists=True,
