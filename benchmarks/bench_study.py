@@ -6,7 +6,7 @@ Prints total seconds and their ratio, per-depth images/s, warm per-trial speed-u
 one-off cost of the caches (decoding, frozen activations) separately. Figures go to
 benchmarks/RESULTS.md by hand, with the command and the machine.
 
-    python benchmarks/bench_study.py                         # CPU here: 64 px, 400 images
+    python benchmarks/bench_study.py                         # CPU here: 400 JPEGs of 375x500, trained at 64 px
     python benchmarks/bench_study.py --device cuda --image-size 224 --classes 50 --per-class 40 --standard
 
 Only torch, torchvision, numpy and Pillow are needed (plus this repository's src/ on the path).
@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=32)
     p.add_argument("--val-per-class", type=int, default=8)
-    p.add_argument("--source-px", type=int, default=96, help="height of the generated JPEGs")
+    p.add_argument("--source-px", type=int, default=375, help="height of the generated JPEGs (photo-sized by default, as in Stanford Cars)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

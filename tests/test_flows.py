@@ -99,7 +99,7 @@ def test_killed_worker_trial_is_detected_and_rerun(prefect_api, tmp_path, monkey
         worker.wait()
     time.sleep(3)  # let the heartbeat go stale (grace period = 2 x 1 s)
 
-    study = study_mod.run_study(tiny_config(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [1, 1]}))
+    study = study_mod.run_study(tiny_config(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [6, 6]}))
     trials = study.get_trials(deepcopy=False)
     killed = next(t for t in trials if t.number == victim.number)
     assert killed.state == TrialState.FAIL

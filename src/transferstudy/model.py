@@ -142,7 +142,7 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
             )
             if weights == "imagenet":
                 raise WeightsUnavailableError(message) from exc
-            warning = "backbone NOT pretrained: ImageNet weights were unavailable, so it was randomly initialised"
+            warning = "backbone NOT pretrained: ImageNet weights were unavailable, so it was randomly initialised."
             log.warning("%s (%s)", warning, exc)
             return resnet50(weights=None), LoadedWeights("auto", "none", warning)
     path = Path(weights).expanduser()

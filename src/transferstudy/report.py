@@ -456,7 +456,7 @@ def curves_section(data: StudyData) -> str:
         add_curves(fig, t, color=PALETTE[i % len(PALETTE)], opacity=1.0, group=f"t{t.number}",
                    label=f"#{t.number} (depth {data.param(t, 'unfreeze_depth')})", first=True)
     fig.update_xaxes(title="epoch", dtick=1)
-    fig.update_yaxes(title="loss", row=1, col=1)
+    fig.update_yaxes(title="loss (log)", type="log", row=1, col=1)  # a diverging trial would flatten the rest
     fig.update_yaxes(title="accuracy", tickformat=".0%", range=[0, 1.02], row=1, col=2)
     fig.update_layout(title=f"Top {len(shown)} trials; {len(pruned)} pruned trial(s) in grey")
     return section("curves", "Learning curves", figure(fig, "learning-curves", 430))
