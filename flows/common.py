@@ -30,6 +30,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         sys.exit(main() or 0)
     except USER_ERRORS as exc:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            raise  # the whole traceback, for a bug that looks like bad input
         message = " ".join(str(exc).split("\n")[0].split()) if not isinstance(exc, DatasetError) else str(exc)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

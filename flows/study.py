@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: the study file's, sqlite:///studies/optuna.db)")
     p.add_argument("--study-name", help="Optuna study name (default: the study file's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default: auto)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the study file's, auto)")
     p.add_argument("--sampler-seed", type=int, help="sampler seed (give workers that start together different seeds)")
     p.add_argument("--no-report", action="store_true", help="skip the report (extra workers of a shared study)")
     p.add_argument("--serve", action="store_true", help="serve a deployment of this flow (Prefect server needed)")
@@ -168,10 +168,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
-    # Validate before Prefect starts, so a bad study file is one line, not a failed flow run.
+    # Validate before Prefect starts, so bad input is one line, not a failed flow run.
     cfg = resolve_config(
         args.config, args.data, args.n_trials, args.timeout, args.storage, args.study_name, args.device, args.sampler_seed
     )
+    if not args.serve:
+        from transferstudy.study import preflight
+
+        preflight(cfg)
     params = {
         "config": args.config, "data": args.data, "n_trials": args.n_trials, "timeout": args.timeout,
         "storage": args.storage, "study_name": args.study_name, "device": args.device,
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.cron or args.interval):
             raise ValueError("--serve needs --cron or --interval")
         print(f"serving deployment 'transfer-study/{args.name}' (cron={args.cron}, interval={args.interval}); Ctrl-C stops it")
-        study_flow.serve(name=args.name, cron=args.cron, interval=args.interval, parameters=params, pause_on_shutdown=False)
+        study_flow.serve(name=args.name, cron=args.cron, interval=args.interval, parameters=params)
         return 0
     report = study_flow(**params)
     print(f"\nstudy {cfg.study.name!r} in {cfg.study.storage}")

@@ -42,6 +42,8 @@ def _write(tmp_path, text):
         ("[train]\nlr = 0.1\n[search]\nlr = [0.01, 0.1]\n", "[train] lr"),
         ("[study]\npruner = \"asha\"\n", "[study] pruner"),
         ("[sudy]\nname = \"x\"\n", "[sudy]"),
+        ("[study]\ndevice = \"gpu\"\n", "[study] device"),
+        ("[train]\nweights = \"imagnet\"\n", "[train] weights"),
     ],
 )
 def test_bad_key_is_named(tmp_path, text, key):
@@ -57,6 +59,11 @@ def test_not_toml_and_missing_file(tmp_path):
         load_config(_write(tmp_path, "[study\n"))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_train_fixes_a_default_search_dimension():
+    cfg = from_dict({"train": {"epochs": 3}}, source="x.toml")
+    assert set(cfg.search.space) == {"unfreeze_depth", "lr", "train_ratio"} and cfg.train.epochs == 3
 
 
 def test_defaults_and_overrides_are_validated():
@@ -81,3 +88,12 @@ def test_cli_broken_study_file_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert str(path) in lines[0] and "[train] batch_size" in lines[0]
+
+
+def test_cli_missing_dataset_is_one_line_before_prefect_starts(tmp_path):
+    path = _write(tmp_path, f"[data]\npath = \"{tmp_path / 'nowhere'}\"\n[study]\nstorage = \"sqlite:///{tmp_path}/o.db\"\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.study", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: dataset not found: {tmp_path / 'nowhere'}"]

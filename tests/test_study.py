@@ -119,3 +119,24 @@ def test_problems_found_at_preparation_reach_the_study(tmp_path, make_dataset):
     problems = study.user_attrs["dataset"]["problems"]
     assert any(path.endswith("broken.jpg") for path, _ in problems)
     assert study.user_attrs["dataset"]["source"] == "manifest"
+
+
+def test_unobtainable_weights_end_the_run_before_any_trial(tmp_path, monkeypatch):
+    from transferstudy.model import WeightsUnavailableError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # every download refused at once
+    cfg = tiny_config(tmp_path, train={"weights": "imagenet"})
+    with pytest.raises(WeightsUnavailableError, match='"none"'):
+        study_mod.run_study(cfg)
+    assert optuna.load_study(study_name="tiny", storage=cfg.study.storage).trials == []
+
+
+def test_a_streak_of_failed_trials_is_an_error(tmp_path, monkeypatch):
+    def diverging_fit(*args, **kwargs):
+        raise NonFiniteLossError("training loss became nan (try a lower learning rate)")
+
+    monkeypatch.setattr(study_mod, "fit", diverging_fit)
+    with pytest.raises(RuntimeError, match="5 trials failed in a row"):
+        study_mod.run_study(tiny_config(tmp_path))

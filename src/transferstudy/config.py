@@ -45,7 +45,7 @@ class StudySection:
     sampler_seed: int = _spec(0, "seed of the sampler (Optuna's randomness)")
     pruner: str = _spec("median", "early stop of poor trials per epoch", choices=("median", "hyperband", "none"))
     pruner_warmup_epochs: int = _spec(1, "median pruner: never prune before this many epochs", lo=0)
-    keep_checkpoints: str = _spec("best", "which trained models to keep on disk", choices=("best", "all", "none"))
+    keep_checkpoints: str = _spec("best", "trained models kept on disk: best, all, or none (then no holdout scores)", choices=("best", "all", "none"))
     output_dir: str = _spec("studies", "results go to <output_dir>/<name>/ (report, checkpoints, config)")
     device: str = _spec("auto", "auto | cpu | cuda | cuda:N")
     heartbeat_s: int = _spec(30, "RDB heartbeat interval: a trial silent for 2x this is retried (seconds, >= 1)", lo=1)
@@ -109,9 +109,11 @@ SEARCHABLE: dict[str, str] = {
 class SearchSection:
     """``[search]``: the space Optuna explores; anything not listed here is fixed by ``[train]``.
 
-    The four core dimensions default to the seed study's questions; the optional ones
-    (weight_decay, batch_size, label_smoothing, backbone_lr_mult, optimizer) are searched only
-    when present.
+    Without a ``[search]`` table the four core dimensions (unfreeze_depth, lr, epochs,
+    train_ratio) are searched over the default ranges below, except those ``[train]`` fixes.
+    A ``[search]`` table lists exactly what is searched: core dimensions it leaves out take
+    their ``[train]`` values, and the optional ones (weight_decay, batch_size, label_smoothing,
+    backbone_lr_mult, optimizer) are searched only when listed.
     """
 
     space: dict[str, Any] = field(default_factory=lambda: {
@@ -223,12 +225,29 @@ def from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
     data = _section(DataSection, raw.get("data", {}), f"{source}: [data]")
     train = _section(TrainSection, raw.get("train", {}), f"{source}: [train]")
     search = _search(raw.get("search", {}), f"{source}: [search]")
-    both = sorted(set(raw.get("train", {})) & set(search.space))
+    fixed = set(raw.get("train", {}))
+    both = sorted(fixed & set(raw.get("search", {})))
     if both:
         raise ConfigError(f"{source}: [train] {both[0]}: also listed in [search]; keep it in one table")
+    if not raw.get("search"):  # default space: what [train] fixes is not searched
+        search = SearchSection(space={k: v for k, v in search.space.items() if k not in fixed})
+    _check_choice_strings(study, train, source)
     if not study.name:
         study = dataclasses.replace(study, name=Path(source).stem if source.endswith(".toml") else "study")
     return StudyConfig(study=study, data=data, train=train, search=search, source=source)
+
+
+def _check_choice_strings(study: StudySection, train: TrainSection, source: str) -> None:
+    """Keys whose strings name a choice or a file: caught here rather than mid-study."""
+    device = study.device
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"{source}: [study] device: must be auto, cpu, cuda or cuda:N, got {device!r}")
+    weights = train.weights
+    if weights not in ("imagenet", "none", "auto") and not Path(weights).expanduser().is_file():
+        raise ConfigError(
+            f"{source}: [train] weights: must be imagenet, none, auto or the path of a ResNet-50 state_dict; "
+            f"no file {weights!r}"
+        )
 
 
 def load_config(path: str | Path) -> StudyConfig:

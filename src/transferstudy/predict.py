@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("-k", type=int, default=5, help="how many classes to show per image (default: 5)")
     args = parser.parse_args(argv)
-    device = runtime.select_device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device)
+    try:
+        device = runtime.select_device(args.device)
+        model, meta = load_checkpoint(args.checkpoint, device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     failed = 0
     for r in predict(model, meta, expand(args.paths), device, args.k):
         if "error" in r:

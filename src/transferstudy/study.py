@@ -21,7 +21,6 @@ re-runs their parameters.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shlex
@@ -44,7 +43,7 @@ from .config import StudyConfig
 from .data import Augment, DeviceData, ImageCache, holdout_indices, holdout_protocol, load_cache, make_splits
 from .features import FeatureStore
 from .datasets.base import DatasetIndex
-from .model import LoadedWeights, build_model, load_checkpoint, save_checkpoint
+from .model import build_model, load_checkpoint, save_checkpoint
 from .train import EpochRecord, NonFiniteLossError, TrainSettings, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -165,19 +164,17 @@ class Objective:
     def __init__(self, cfg: StudyConfig, prepared: PreparedData, device: torch.device):
         self.cfg, self.prepared, self.device = cfg, prepared, device
         self.data = DeviceData(prepared.cache, device)
-        self.weights: LoadedWeights | None = None
-        self._backbone_state: dict | None = None
+        # Weights are obtained once, before any trial: unusable weights end the run at once
+        # with their own error instead of failing every trial.
+        runtime.seed_everything(cfg.train.train_seed)
+        model, self.weights = build_model(prepared.cache.num_classes, cfg.train.weights, 0)
+        self._backbone_state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
         self.pool_rows, _ = holdout_indices(prepared.cache, cfg.data.holdout_fraction, cfg.data.split_seed)
         self.features: FeatureStore | None = None
 
-    def build(self, weights: str, unfreeze_depth: int):
-        """A fresh network for one trial; pretrained weights are obtained once per process."""
-        num_classes = self.prepared.cache.num_classes
-        if self.weights is None:
-            model, self.weights = build_model(num_classes, weights, unfreeze_depth)
-            self._backbone_state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
-            return model
-        model, _ = build_model(num_classes, "none", unfreeze_depth)
+    def build(self, unfreeze_depth: int):
+        """A fresh network for one trial: the study's backbone weights and a new, seeded head."""
+        model, _ = build_model(self.prepared.cache.num_classes, "none", unfreeze_depth)
         model.load_state_dict(self._backbone_state, strict=False)
         return model
 
@@ -205,7 +202,7 @@ class Objective:
         cache = self.prepared.cache
         splits = make_splits(cache, params["train_ratio"], self.cfg.data.holdout_fraction, self.cfg.data.split_seed)
         runtime.seed_everything(settings.seed)
-        model = self.build(params["weights"], params["unfreeze_depth"])
+        model = self.build(params["unfreeze_depth"])
         features = self._features(model, params)
         _set_attrs(trial, device=runtime.describe(self.device), weights=self.weights.used, split_sizes=splits.sizes())
         history: list[dict] = []
@@ -297,7 +294,7 @@ def _refuse_surplus(trial: optuna.trial.BaseTrial, n_trials: int) -> None:
 
 
 def checkpoint_dir(cfg: StudyConfig) -> Path:
-    return cfg.result_dir / "checkpoints"
+    return (cfg.result_dir / "checkpoints").resolve()
 
 
 # --------------------------------------------------------------------------- study
@@ -394,6 +391,14 @@ def _progress_callback(cfg: StudyConfig):
     return callback
 
 
+def _raise_if_failing(study: optuna.Study) -> None:
+    """A run that ended on a streak of failed trials is an error, not a finished study."""
+    last = study.get_trials(deepcopy=False)[-MAX_CONSECUTIVE_FAILURES:]
+    if len(last) == MAX_CONSECUTIVE_FAILURES and all(t.state == TrialState.FAIL for t in last):
+        reason = last[-1].user_attrs.get("error", "see the log")
+        raise RuntimeError(f"study {study.study_name!r} stopped: {MAX_CONSECUTIVE_FAILURES} trials failed in a row (last: {reason})")
+
+
 def _has_complete(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -403,10 +408,25 @@ def _fmt(v) -> str:
 
 
 def reproduce_command(cfg: StudyConfig) -> str:
-    return "python -m flows.study " + " ".join(
-        shlex.quote(a)
-        for a in ("--config", cfg.source, "--study-name", cfg.study.name, "--storage", cfg.study.storage)
-    )
+    """The command that runs this study again, overrides included."""
+    args = {
+        "--config": cfg.source, "--data": cfg.data.path, "--study-name": cfg.study.name, "--storage": cfg.study.storage,
+        "--n-trials": cfg.study.n_trials, "--sampler-seed": cfg.study.sampler_seed,
+    }
+    return "python -m flows.study " + " ".join(f"{k} {shlex.quote(str(v))}" for k, v in args.items())
+
+
+def preflight(cfg: StudyConfig) -> None:
+    """Check what a study needs before it starts: the dataset opens, the storage answers, the
+    weights can be had. Each failure names the path, URL or weights at fault.
+
+    Raises:
+        DatasetError, ValueError, WeightsUnavailableError
+    """
+    open_index(cfg)
+    create_storage(cfg.study.storage, cfg.study.heartbeat_s)
+    if cfg.train.weights != "none":
+        build_model(2, cfg.train.weights, 0, progress=True)  # downloads into torchvision's cache once
 
 
 def run_study(cfg: StudyConfig, prepared: PreparedData | None = None, device: str | None = None) -> optuna.Study:
@@ -419,6 +439,7 @@ def run_study(cfg: StudyConfig, prepared: PreparedData | None = None, device: st
     dev = runtime.select_device(device or cfg.study.device)
     runtime.configure(dev)
     study = open_study(cfg)
+    optuna.storages.fail_stale_trials(study)  # trials of workers that died: failed (and retried)
     _record_run(study, cfg, prepared, dev)
     remaining = cfg.study.n_trials - count_finished(study)
     if remaining <= 0:
@@ -430,10 +451,11 @@ def run_study(cfg: StudyConfig, prepared: PreparedData | None = None, device: st
         objective,
         n_trials=2 * remaining + MAX_CONSECUTIVE_FAILURES,  # failed trials are replaced; the callback stops at n_trials
         timeout=cfg.study.timeout_s or None,
-        catch=(NonFiniteLossError, torch.OutOfMemoryError, SurplusTrial, RuntimeError, ValueError),
+        catch=(NonFiniteLossError, torch.OutOfMemoryError, SurplusTrial),
         callbacks=[_progress_callback(cfg)],
         gc_after_trial=True,
     )
+    _raise_if_failing(study)
     if objective.weights is not None:
         study.set_user_attr("weights", vars(objective.weights))
     return study
@@ -509,11 +531,10 @@ def score_holdout(study: optuna.Study, cfg: StudyConfig, prepared: PreparedData,
 
 
 def _prune_checkpoints(study: optuna.Study, cfg: StudyConfig, best_number: int) -> None:
-    if cfg.study.keep_checkpoints == "all":
-        return
-    for trial in study.get_trials(deepcopy=False):
-        if trial.number != best_number:
-            _drop_checkpoint(trial)
+    if cfg.study.keep_checkpoints != "all":
+        for trial in study.get_trials(deepcopy=False):
+            if trial.number != best_number:
+                _drop_checkpoint(trial)
     best = checkpoint_dir(cfg) / f"trial_{best_number:04d}.pt"
     if best.is_file():
         shutil.copyfile(best, cfg.result_dir / "best.pt")
@@ -534,6 +555,3 @@ def results_table(study: optuna.Study, k: int = 10) -> list[dict]:
         })
     return rows
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
