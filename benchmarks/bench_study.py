@@ -65,6 +65,7 @@ def make_dataset(root: Path, classes: int, per_class: int, val_per_class: int, s
 
 def run_project(root: Path, args, device: torch.device) -> dict:
     """The twelve trials through transferstudy: decode once, frozen activations reused."""
+    shutil.rmtree(root.parent / "cache", ignore_errors=True)  # the one-off decode is part of every run
     t0 = time.perf_counter()
     cache = load_cache(scan_folders(root), args.image_size, root.parent / "cache", show_progress=False)
     decode_s = time.perf_counter() - t0

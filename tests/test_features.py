@@ -97,3 +97,20 @@ def test_too_large_cache_is_skipped(tiny, cpu):
     cache, data, pool = tiny
     model, _ = build_model(cache.num_classes, "none", 2)
     assert FeatureStore("t", 2, Augment(), 0, memory_fraction=0.0).get(model, data, pool, cpu) is None
+
+
+def test_building_a_view_fills_the_deeper_depths_on_the_way(tiny, cpu):
+    cache, data, pool = tiny
+    splits = make_splits(cache, 0.75, 0.0, 0)
+    store = FeatureStore("t", 4, Augment(), 0, 0.5)
+    settings = TrainSettings(epochs=2, lr=1e-3, batch_size=8)
+    head_only, _ = build_model(cache.num_classes, "none", 0)
+    fit(head_only, data, splits.train, splits.val, settings, cpu, features=store.get(head_only, data, pool, cpu))
+    deeper, _ = build_model(cache.num_classes, "none", 2)
+    deeper.load_state_dict({k: v for k, v in head_only.state_dict().items() if not k.startswith("head.")}, strict=False)
+    features = store.get(deeper, data, pool, cpu)
+    assert features.built == [True, True, False, False] and features.build_seconds == 0.0  # filled by depth 0's pass
+    centre = deeper.eval().frozen_features(next(data.batches(pool[:4], 4))[0])
+    torch.testing.assert_close(features.views[0, :4], centre, rtol=1e-3, atol=1e-4)
+    fit(deeper, data, splits.train, splits.val, settings, cpu, features=features)
+    assert features.build_seconds == 0.0  # its first trial ran no frozen stage

@@ -16,6 +16,11 @@ comes back to a view skips the frozen stages. Augmentation thus comes from a fix
 views instead of fresh crops every epoch: the price of not running the frozen stages again.
 With V = 1 and augmentation off, cached and uncached training compute the same thing.
 
+The frozen output of a deeper depth ``k' > k`` (fewer frozen stages) is an intermediate
+result of depth ``k``'s frozen pass, so building a view for ``k`` also fills that view for
+every deeper depth whose cache fits: a study that starts with head-only trials finds the
+later depths' caches already warm.
+
 Depth 0 caches the pooled 2048-d features (tiny; also kept on disk across runs); deeper
 settings cache feature maps, whose size is computed before anything is allocated: they live
 on the GPU when they fit the allowed share of free memory, else in (pinned) host memory,
@@ -28,6 +33,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +71,9 @@ class FeatureCache:
     aug: Augment
     seed: int
     build_seconds: float = 0.0
+    #: Caches of deeper unfreeze depths, whose frozen output this cache's pass computes on the
+    #: way (depth k' > k stops after stage 5 - k'); filled by the same pass when given.
+    siblings: Callable[[], list[FeatureCache]] | None = None
 
     @property
     def num_views(self) -> int:
@@ -85,23 +94,37 @@ class FeatureCache:
 
     @torch.no_grad()
     def ensure_view(self, view: int, model: TransferNet, data: DeviceData, device: torch.device) -> None:
-        """Run the frozen stages over every covered row for ``view``, unless already done."""
+        """Run the frozen stages over every covered row for ``view``, unless already done.
+
+        The same pass also fills ``view`` of every sibling cache that lacks it: their frozen
+        outputs are this pass's intermediate results.
+        """
         if self.built[view]:
             return
         started = time.perf_counter()
         was_training = model.training
         model.eval()
+        also = {5 - c.depth: c for c in (self.siblings() if self.siblings else []) if not c.built[view]}
         gen = runtime.generator(self.seed * 1000 + view, device)
         for start in range(0, len(self.rows), BUILD_BATCH):
             x, _ = next(data.batches(self.rows[start : start + BUILD_BATCH], BUILD_BATCH))
-            x = _view(x, view, self.aug, gen).contiguous(memory_format=runtime.memory_format(device))
+            h = _view(x, view, self.aug, gen).contiguous(memory_format=runtime.memory_format(device))
             with runtime.autocast(device):
-                h = model.frozen_features(x)
-            self.views[view, start : start + len(h)] = h.to(self.views.device, dtype=self.views.dtype)
+                for done, stage in enumerate(model.stages[: model.num_frozen], start=1):
+                    h = stage(h)
+                    if done in also:
+                        also[done].store(view, start, h)
+                if self.depth == 0:
+                    h = torch.flatten(model.pool(h), 1)
+            self.store(view, start, h)
         model.train(was_training)
         runtime.synchronize(device)
-        self.built[view] = True
+        for cache in (self, *also.values()):
+            cache.built[view] = True
         self.build_seconds += time.perf_counter() - started
+
+    def store(self, view: int, start: int, h: torch.Tensor) -> None:
+        self.views[view, start : start + len(h)] = h.to(self.views.device, dtype=self.views.dtype)
 
 
 def activation_shape(model: TransferNet, image_size: int) -> tuple[int, ...]:
@@ -169,14 +192,17 @@ def allocate_feature_cache(
 class FeatureStore:
     """The caches of one process (a study worker), keyed by what determines their content.
 
-    Holds at most ``max_entries`` caches in memory (the least recently used goes first);
-    depth-0 caches are also written to ``disk_dir`` (``save``) so later runs reuse them.
+    A cache for depth ``k`` comes with caches for the deeper depths ``k+1..4`` when they fit:
+    building a view of ``k`` passes through their frozen outputs, so it fills them too, and
+    their first trials start warm. When a cache does not fit, the least recently used others
+    are dropped first. Depth-0 caches are also written to ``disk_dir`` (``save``) so later
+    runs reuse them.
     """
 
     def __init__(self, key_prefix: str, num_views: int, aug: Augment, seed: int, memory_fraction: float,
-                 disk_dir: str | Path | None = None, max_entries: int = 2):
+                 disk_dir: str | Path | None = None):
         self.key_prefix, self.num_views, self.aug, self.seed = key_prefix, num_views, aug, seed
-        self.memory_fraction, self.max_entries = memory_fraction, max_entries
+        self.memory_fraction = memory_fraction
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._caches: dict[int, FeatureCache] = {}
         self._saved: dict[int, list[bool]] = {}
@@ -191,21 +217,41 @@ class FeatureStore:
         depth = model.unfreeze_depth
         if depth == 5 or self.num_views < 1:
             return None
-        if depth in self._caches:
-            self._caches[depth] = self._caches.pop(depth)  # most recently used last
-            return self._caches[depth]
-        for old in list(self._caches)[: max(0, len(self._caches) - self.max_entries + 1)]:
-            self._caches.pop(old)  # make room before measuring what is free
-        runtime.release_memory(device)
-        cache = self._load(model, data, rows, device) or self._allocate(model, data, rows, device)
-        if cache is not None:
-            self._caches[depth] = cache
-        return cache
+        if depth not in self._caches:
+            cache = self._load(model, data, rows, device) or self._allocate(model, data, rows, device, evict=True)
+            if cache is None:
+                return None
+            self._add(depth, cache)
+            for deeper in range(depth + 1, 5):
+                self._add_sibling(model, deeper, data, rows, device)
+        self._caches[depth] = self._caches.pop(depth)  # most recently used last
+        return self._caches[depth]
 
-    def _allocate(self, model, data, rows, device) -> FeatureCache | None:
+    def _add(self, depth: int, cache: FeatureCache) -> None:
+        cache.siblings = lambda: [c for d, c in self._caches.items() if d > depth]
+        self._caches[depth] = cache
+
+    def _add_sibling(self, model: TransferNet, depth: int, data, rows, device) -> None:
+        if depth in self._caches:
+            return
+        own = model.unfreeze_depth
+        model.set_unfreeze_depth(depth)
+        try:
+            cache = self._allocate(model, data, rows, device, evict=False)
+        finally:
+            model.set_unfreeze_depth(own)
+        if cache is not None:
+            self._add(depth, cache)
+            self._caches = {depth: self._caches.pop(depth), **self._caches}  # least recently used
+
+    def _allocate(self, model, data, rows, device, evict: bool) -> FeatureCache | None:
         image_size = data.images.shape[1]
         nbytes = estimate_bytes(model, image_size, len(rows), self.num_views, storage_dtype(device))
         placement = choose_placement(nbytes, device, self.memory_fraction)
+        while placement is None and evict and self._caches:
+            self._caches.pop(next(iter(self._caches)))  # the least recently used goes first
+            runtime.release_memory(device)
+            placement = choose_placement(nbytes, device, self.memory_fraction)
         if placement is None:
             log.info("frozen-activation cache for depth %d skipped: %.2f GB does not fit", model.unfreeze_depth, nbytes / 1e9)
             return None
