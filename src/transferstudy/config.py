@@ -24,6 +24,11 @@ STUDIES_DIR = Path("studies")
 DEFAULT_CONFIG = STUDIES_DIR / "demo.toml"
 
 
+#: Named weights (anything else is the path of a local ResNet-50 state_dict) and devices.
+WEIGHT_CHOICES = ("imagenet", "none", "auto")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # or cuda:N
+
+
 class ConfigError(ValueError):
     """A study file is unusable; str() is one line naming the file and the key."""
 
@@ -240,10 +245,10 @@ def from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
 def _check_choice_strings(study: StudySection, train: TrainSection, source: str) -> None:
     """Keys whose strings name a choice or a file: caught here rather than mid-study."""
     device = study.device
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+    if device not in DEVICE_CHOICES and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ConfigError(f"{source}: [study] device: must be auto, cpu, cuda or cuda:N, got {device!r}")
     weights = train.weights
-    if weights not in ("imagenet", "none", "auto") and not Path(weights).expanduser().is_file():
+    if weights not in WEIGHT_CHOICES and not Path(weights).expanduser().is_file():
         raise ConfigError(
             f"{source}: [train] weights: must be imagenet, none, auto or the path of a ResNet-50 state_dict; "
             f"no file {weights!r}"

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 MAX_DEPTH = len(STAGE_NAMES)
-WEIGHT_CHOICES = ("imagenet", "none", "auto")
 FEATURE_DIM = 2048
 
 

@@ -13,9 +13,9 @@ import random
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from .config import DEVICE_CHOICES
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+log = logging.getLogger(__name__)
 
 
 def select_device(choice: str = "auto") -> torch.device:
