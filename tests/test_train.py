@@ -18,6 +18,7 @@ from transferstudy.train import (
     NonFiniteLossError,
     TrainSettings,
     build_optimizer,
+    best_epoch,
     build_scheduler,
     evaluate,
     fit,
@@ -59,6 +60,17 @@ def test_fit_learns_a_tiny_dataset(tmp_path, cpu):
     assert result.history[0].lr == pytest.approx(3e-3)
     assert all(a.lr > b.lr for a, b in zip(result.history, result.history[1:]))  # cosine decay
     json.dumps(result.to_dict())  # plain values only
+
+
+def test_best_epoch_follows_the_monitored_metric():
+    # Accuracy peaks at epoch 2, macro-F1 at epoch 3: a macro-F1 study must name epoch 3.
+    def rec(epoch, acc, f1):
+        return EpochRecord(epoch, 1.0, 0.5, 1.0, acc, f1, 1e-3, 1.0, 10.0)
+
+    history = [rec(1, 0.5, 0.4), rec(2, 0.8, 0.5), rec(3, 0.7, 0.6), rec(4, 0.8, float("nan"))]
+    assert best_epoch(history) == 2  # earliest of the tied accuracies
+    assert best_epoch(history, "val_acc") == 2
+    assert best_epoch(history, "val_f1") == 3  # NaN never wins
 
 
 def test_fit_is_reproducible_for_a_seed(small, cpu):

@@ -220,7 +220,7 @@ class Objective:
 
         started = time.perf_counter()
         try:
-            result = fit(model, self.data, splits.train, splits.val, settings, self.device, on_epoch_end, features)
+            result = fit(model, self.data, splits.train, splits.val, settings, self.device, on_epoch_end, features, monitor=metric)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
