@@ -35,25 +35,28 @@ from transferstudy.data import Augment, DeviceData, load_cache  # noqa: E402
 from transferstudy.datasets import scan_folders  # noqa: E402
 from transferstudy.features import FeatureStore  # noqa: E402
 from transferstudy.model import build_model  # noqa: E402
-from transferstudy.train import TrainSettings, fit  # noqa: E402
+from transferstudy.train import TrainSettings, build_optimizer, fit  # noqa: E402
 
 REFERENCE = [(d, 3) for d in range(6) for _ in range(2)]
 
 
 def make_dataset(root: Path, classes: int, per_class: int, val_per_class: int, source_px: int, seed: int = 0) -> Path:
-    """Class-coloured shapes on noise, saved as JPEG (decoding cost like real photos)."""
+    """Class-coloured shapes on noise, saved as JPEG (decoding cost like real photos).
+
+    Each class has one colour in both train/ and test/, so validation accuracy is meaningful.
+    """
     marker = root / "DONE.json"
-    spec = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class, "source_px": source_px, "seed": seed}
+    spec = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class, "source_px": source_px, "seed": seed, "version": 2}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(seed)
     h, w = source_px, int(source_px * 4 / 3)
+    colours = rng.integers(0, 256, (classes, 3))
     for split, n in (("train", per_class), ("test", val_per_class)):
-        for c in range(classes):
+        for c, colour in enumerate(colours):
             folder = root / split / f"class_{c:03d}"
             folder.mkdir(parents=True, exist_ok=True)
-            colour = rng.integers(0, 256, 3)
             for i in range(n):
                 img = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
                 y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
@@ -63,52 +66,120 @@ def make_dataset(root: Path, classes: int, per_class: int, val_per_class: int, s
     return root
 
 
-def run_project(root: Path, args, device: torch.device) -> dict:
-    """The twelve trials through transferstudy: decode once, frozen activations reused."""
-    shutil.rmtree(root.parent / "cache", ignore_errors=True)  # the one-off decode is part of every run
-    t0 = time.perf_counter()
-    cache = load_cache(scan_folders(root), args.image_size, root.parent / "cache", show_progress=False)
-    decode_s = time.perf_counter() - t0
-    data = DeviceData(cache, device)
-    train_idx, val_idx = np.flatnonzero(cache.splits == "train"), np.flatnonzero(cache.splits == "test")
-    rows = np.sort(np.concatenate([train_idx, val_idx]))
-    settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4, augment=Augment())
-    store = FeatureStore("bench", args.views, settings.augment, 0, 0.6) if args.views else None
-    trials, cache_build = [], {}
-    for depth, epochs in REFERENCE:
+class Project:
+    """The twelve trials through transferstudy: decode once, frozen activations reused across trials."""
+
+    name = "transferstudy"
+
+    def __init__(self, root: Path, args, device: torch.device) -> None:
+        shutil.rmtree(root.parent / "cache", ignore_errors=True)  # the one-off decode is part of every run
+        t0 = time.perf_counter()
+        cache = load_cache(scan_folders(root), args.image_size, root.parent / "cache", show_progress=False)
+        self.one_off_s = time.perf_counter() - t0  # view builds happen inside trials and are in their seconds
+        self.device, self.data, self.num_classes = device, DeviceData(cache, device), cache.num_classes
+        self.train_idx, self.val_idx = np.flatnonzero(cache.splits == "train"), np.flatnonzero(cache.splits == "test")
+        self.rows = np.sort(np.concatenate([self.train_idx, self.val_idx]))
+        self.settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4, augment=Augment())
+        self.store = FeatureStore("bench", args.views, self.settings.augment, 0, 0.6) if args.views else None
+        self.cache_build_s: dict[int, float] = {}
+
+    def trial(self, depth: int, epochs: int) -> dict:
         runtime.seed_everything(0)
-        model, _ = build_model(cache.num_classes, "none", depth)
-        features = store.get(model, data, rows, device) if store else None
-        s = TrainSettings(**{**vars(settings), "epochs": epochs})
-        result = fit(model, data, train_idx, val_idx, s, device, features=features)
-        trials.append({"depth": depth, "epochs": epochs, "seconds": result.train_seconds, "images_per_s": result.images_per_s, "val_acc": result.final.val_acc})
+        model, _ = build_model(self.num_classes, "none", depth)
+        features = self.store.get(model, self.data, self.rows, self.device) if self.store else None
+        s = TrainSettings(**{**vars(self.settings), "epochs": epochs})
+        result = fit(model, self.data, self.train_idx, self.val_idx, s, self.device, features=features)
         if features is not None:  # views are built inside the first trials' epochs (included in their seconds)
-            cache_build[depth] = features.build_seconds
+            self.cache_build_s[depth] = features.build_seconds
         del model
+        runtime.release_memory(self.device)
+        return {"depth": depth, "epochs": epochs, "seconds": result.train_seconds, "images_per_s": result.images_per_s, "val_acc": result.final.val_acc}
+
+
+class Baseline:
+    """The same trials through ``naive_baseline`` (the notebook approach, or standard practice)."""
+
+    def __init__(self, root: Path, args, device: torch.device, standard: bool) -> None:
+        self.name = "standard practice" if standard else "naive (notebook)"
+        self.root, self.args, self.device, self.standard = root, args, device, standard
+        self.loaders = naive_baseline.loaders(str(root), args.image_size, args.batch_size, args.workers)
+        self.one_off_s = 0.0
+
+    def trial(self, depth: int, epochs: int) -> dict:
+        a = self.args
+        return naive_baseline.run_trial(
+            str(self.root), depth, epochs, a.lr, a.batch_size, a.image_size, self.device, a.workers, self.standard, loaders_pair=self.loaders
+        )
+
+
+def compute_floor(args, device: torch.device, num_classes: int, steps: int = 8) -> dict[int, float]:
+    """Images/s of the trainable stages' training step alone, per depth: forward, backward and
+    optimiser step on a batch whose frozen activations are already computed — no data handling,
+    no frozen forward. No cache can make a warm trial train faster than this, so
+    ``floor / naive`` img/s bounds the warm speed-up any activation cache can reach here."""
+    settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4)
+    floors = {}
+    for depth in range(1, 6):
+        runtime.seed_everything(0)
+        model, _ = build_model(num_classes, "none", depth)
+        model.to(device, memory_format=runtime.memory_format(device)).train()
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+        y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+        with torch.no_grad():
+            h = model.frozen_features(x.contiguous(memory_format=runtime.memory_format(device)))
+        optimizer = build_optimizer(model, settings, device)
+        for i in range(steps + 2):  # two warm-up steps
+            if i == 2:
+                runtime.synchronize(device)
+                t0 = time.perf_counter()
+            with runtime.autocast(device):
+                loss = torch.nn.functional.cross_entropy(model.trainable_forward(h).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        runtime.synchronize(device)
+        floors[depth] = steps * args.batch_size / (time.perf_counter() - t0)
+        del model, optimizer
         runtime.release_memory(device)
-    return {"decode_s": decode_s, "cache_build_s": cache_build, "trials": trials}
+    return floors
 
 
-def run_baseline(root: Path, args, device: torch.device, standard: bool) -> dict:
-    pair = naive_baseline.loaders(str(root), args.image_size, args.batch_size, args.workers)
-    trials = [
-        naive_baseline.run_trial(str(root), d, e, args.lr, args.batch_size, args.image_size, device, args.workers, standard, loaders_pair=pair)
-        for d, e in REFERENCE
-    ]
-    return {"trials": trials}
+def run_once(root: Path, args, device: torch.device) -> tuple[list[dict], dict]:
+    """One run of the reference study for every contender, their trials interleaved.
+
+    Trial i of each contender runs back to back (the first to go alternating), so a machine
+    that slows down or speeds up during the run affects every contender alike.
+    """
+    contenders = [Project(root, args, device), Baseline(root, args, device, standard=False)]
+    if args.standard:
+        contenders.append(Baseline(root, args, device, standard=True))
+    trials: dict[str, list[dict]] = {c.name: [] for c in contenders}
+    for i, (depth, epochs) in enumerate(REFERENCE):
+        for c in contenders[i % len(contenders):] + contenders[: i % len(contenders)]:
+            trials[c.name].append(c.trial(depth, epochs))
+    project = contenders[0]
+    one_off = {"decode_s": project.one_off_s, "cache_build_s": project.cache_build_s}
+    return [summarize(c.name, trials[c.name], c.one_off_s) for c in contenders], one_off
 
 
-def summarize(name: str, run: dict, one_off: float = 0.0) -> dict:
-    trials = run["trials"]
-    per_depth = {}
+def summarize(name: str, trials: list[dict], one_off: float = 0.0) -> dict:
+    per_depth: dict[int, list[dict]] = {}
     for t in trials:
         per_depth.setdefault(t["depth"], []).append(t)
     return {
         "name": name,
+        "trials": trials,
         "total_s": sum(t["seconds"] for t in trials) + one_off,
         "warm_trial_s": {d: ts[-1]["seconds"] for d, ts in per_depth.items()},
-        "images_per_s": {d: round(np.mean([t["images_per_s"] for t in ts]), 1) for d, ts in per_depth.items()},
-        "val_acc": {d: round(np.mean([t["val_acc"] for t in ts]), 3) for d, ts in per_depth.items()},
+        "images_per_s": {d: round(float(np.mean([t["images_per_s"] for t in ts])), 1) for d, ts in per_depth.items()},
+        "val_acc": {d: round(float(np.mean([t["val_acc"] for t in ts])), 3) for d, ts in per_depth.items()},
+    }
+
+
+def speedups(ours: dict, other: dict) -> dict:
+    return {
+        "total": other["total_s"] / ours["total_s"],
+        "warm": {d: other["warm_trial_s"][d] / ours["warm_trial_s"][d] for d in range(6)},
     }
 
 
@@ -125,6 +196,7 @@ def main() -> None:
     p.add_argument("--views", type=int, default=4, help="frozen-activation cache views (0 = no cache)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baselines")
     p.add_argument("--standard", action="store_true", help="also time the standard-practice baseline (bf16 + channels_last)")
+    p.add_argument("--repeats", type=int, default=1, help="run the whole comparison this many times; medians are printed too")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -133,26 +205,39 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {runtime.describe(device)}, torch {torch.__version__}")
     print(f"dataset: {args.classes} classes x {args.per_class} train + {args.val_per_class} val JPEGs, {args.image_size} px, batch {args.batch_size}")
 
-    project = run_project(root, args, device)
-    one_off = project["decode_s"]  # view builds happen inside trials and are already in their seconds
-    results = [summarize("transferstudy", project, one_off)]
-    results.append(summarize("naive (notebook)", run_baseline(root, args, device, standard=False)))
-    if args.standard:
-        results.append(summarize("standard practice", run_baseline(root, args, device, standard=True)))
-
-    ours = results[0]
-    print(f"\none-off: decode {project['decode_s']:.1f} s; building cached views (inside the trials' times): "
-          + ", ".join(f"depth {d}: {s:.1f} s" for d, s in project["cache_build_s"].items()))
-    print("\n| run | total s (incl. one-off) | " + " | ".join(f"depth {d} img/s" for d in range(6)) + " |")
-    print("|---|---|" + "---|" * 6)
-    for r in results:
-        print(f"| {r['name']} | {r['total_s']:.1f} | " + " | ".join(str(r["images_per_s"][d]) for d in range(6)) + " |")
-    for r in results[1:]:
-        print(f"\ntransferstudy vs {r['name']}: {r['total_s'] / ours['total_s']:.2f}x faster in total; warm per-trial speed-up by depth: "
-              + ", ".join(f"{d}: {r['warm_trial_s'][d] / ours['warm_trial_s'][d]:.1f}x" for d in range(6)))
-    print("\nmean validation accuracy by depth: " + "; ".join(f"{r['name']} {r['val_acc']}" for r in results))
+    runs = []
+    for r in range(args.repeats):
+        results, one_off = run_once(root, args, device)
+        runs.append({"results": results, "one_off": one_off})
+        ours = results[0]
+        print(f"\n## run {r + 1} of {args.repeats}")
+        print(f"one-off: decode {one_off['decode_s']:.1f} s; building cached views (inside the trials' times): "
+              + ", ".join(f"depth {d}: {s:.1f} s" for d, s in one_off["cache_build_s"].items()))
+        print("\n| run | total s (incl. one-off) | " + " | ".join(f"depth {d} img/s" for d in range(6)) + " |")
+        print("|---|---|" + "---|" * 6)
+        for res in results:
+            print(f"| {res['name']} | {res['total_s']:.1f} | " + " | ".join(f"{res['images_per_s'][d]:,.1f}" for d in range(6)) + " |")
+        for res in results[1:]:
+            x = speedups(ours, res)
+            print(f"\ntransferstudy vs {res['name']}: {x['total']:.2f}x faster in total; warm per-trial speed-up by depth: "
+                  + ", ".join(f"{d}: {v:.1f}x" for d, v in x["warm"].items()))
+        print("\nmean validation accuracy by depth: " + "; ".join(f"{res['name']} {res['val_acc']}" for res in results))
+    floors = compute_floor(args, device, args.classes)
+    naive = runs[-1]["results"][1]["images_per_s"]
+    print("\n## compute floor: the trainable stages' training step alone (no data, no frozen forward)")
+    print("| depth | step alone img/s | naive img/s (last run) | most any cache can give |")
+    print("|---|---|---|---|")
+    for d, v in floors.items():
+        print(f"| {d} | {v:,.1f} | {naive[d]:,.1f} | {v / naive[d]:.1f}x |")
+    if args.repeats > 1:
+        print(f"\n## median over {args.repeats} runs")
+        for k, name in enumerate(res["name"] for res in runs[0]["results"][1:]):
+            xs = [speedups(run["results"][0], run["results"][k + 1]) for run in runs]
+            totals = ", ".join(f"{x['total']:.2f}" for x in xs)
+            print(f"transferstudy vs {name}: total {np.median([x['total'] for x in xs]):.2f}x (runs: {totals}); warm per-trial by depth: "
+                  + ", ".join(f"{d}: {np.median([x['warm'][d] for x in xs]):.1f}x" for d in range(6)))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_study.json").write_text(json.dumps({"args": vars(args), "project": project, "results": results}, indent=1))
+    (Path(args.out) / "bench_study.json").write_text(json.dumps({"args": vars(args), "runs": runs, "compute_floor": floors}, indent=1))
 
 
 if __name__ == "__main__":
