@@ -2,11 +2,14 @@
 
 Twelve trials (unfreeze depth : epochs) 0:3 0:3 1:3 1:3 2:3 2:3 3:3 3:3 4:3 4:3 5:3 5:3, same
 learning rate, batch size and image size for both, on a generated JPEG dataset of fixed size.
-Prints total seconds and their ratio, per-depth images/s, warm per-trial speed-ups, and the
-one-off cost of the caches (decoding, frozen activations) separately. Figures go to
+Prints total seconds and their ratio, per-depth images/s, warm per-trial speed-ups, the
+one-off cost of the caches (decoding, frozen activations) separately, and the compute floor
+(the trainable stages' training step alone) that bounds what any cache can give. Figures go to
 benchmarks/RESULTS.md by hand, with the command and the machine.
 
     python benchmarks/bench_study.py                         # CPU here: 400 JPEGs of 375x500, trained at 64 px
+    python benchmarks/bench_study.py --repeats 3             # the figures in RESULTS.md (medians of three runs)
+    python benchmarks/bench_study.py --floor-only            # the trainable stages' step alone, per depth
     python benchmarks/bench_study.py --device cuda --image-size 224 --classes 50 --per-class 40 --standard
 
 Only torch, torchvision, numpy and Pillow are needed (plus this repository's src/ on the path).
@@ -112,11 +115,13 @@ class Baseline:
         )
 
 
-def compute_floor(args, device: torch.device, num_classes: int, steps: int = 8) -> dict[int, float]:
+def compute_floor(args, device: torch.device, num_classes: int, steps: int = 8, cpu_bf16: bool = False) -> dict[int, float]:
     """Images/s of the trainable stages' training step alone, per depth: forward, backward and
     optimiser step on a batch whose frozen activations are already computed — no data handling,
     no frozen forward. No cache can make a warm trial train faster than this, so
-    ``floor / naive`` img/s bounds the warm speed-up any activation cache can reach here."""
+    ``floor / naive`` img/s bounds the warm speed-up any activation cache can reach here.
+    ``cpu_bf16`` times the same step under bf16 autocast on the CPU (which transferstudy does
+    not use there), to show what that precision would change."""
     settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4)
     floors = {}
     for depth in range(1, 6):
@@ -132,7 +137,8 @@ def compute_floor(args, device: torch.device, num_classes: int, steps: int = 8) 
             if i == 2:
                 runtime.synchronize(device)
                 t0 = time.perf_counter()
-            with runtime.autocast(device):
+            precision = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else runtime.autocast(device)
+            with precision:
                 loss = torch.nn.functional.cross_entropy(model.trainable_forward(h).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,6 +203,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baselines")
     p.add_argument("--standard", action="store_true", help="also time the standard-practice baseline (bf16 + channels_last)")
     p.add_argument("--repeats", type=int, default=1, help="run the whole comparison this many times; medians are printed too")
+    p.add_argument("--floor-only", action="store_true", help="only time the trainable stages' step alone (fp32, and bf16 on the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -205,6 +212,13 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {runtime.describe(device)}, torch {torch.__version__}")
     print(f"dataset: {args.classes} classes x {args.per_class} train + {args.val_per_class} val JPEGs, {args.image_size} px, batch {args.batch_size}")
 
+    if args.floor_only:
+        fp32 = compute_floor(args, device, args.classes)
+        bf16 = compute_floor(args, device, args.classes, cpu_bf16=True) if device.type == "cpu" else {}
+        print("\n| depth | step alone img/s | with bf16 autocast on the CPU |\n|---|---|---|")
+        for d, v in fp32.items():
+            print(f"| {d} | {v:,.1f} | " + (f"{bf16[d]:,.1f} ({bf16[d] / v:.2f}x)" if bf16 else "-") + " |")
+        return
     runs = []
     for r in range(args.repeats):
         results, one_off = run_once(root, args, device)

@@ -1,0 +1,57 @@
+"""The benchmark scripts stay runnable: each runs end to end at toy sizes on the CPU.
+
+They are timed by hand (figures in benchmarks/RESULTS.md), so nothing here checks speed; this
+checks that they finish and write what RESULTS.md is made from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: int = 300) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
+    out = _run([
+        "benchmarks/bench_study.py", "--out", str(tmp_path), "--classes", "2", "--per-class", "4", "--val-per-class", "2",
+        "--source-px", "48", "--image-size", "16", "--batch-size", "8", "--repeats", "2", "--workers", "0", "--device", "cpu",
+    ])
+    assert "## median over 2 runs" in out and "## compute floor" in out
+    result = json.loads((tmp_path / "bench_study.json").read_text())
+    assert len(result["runs"]) == 2
+    for run in result["runs"]:
+        names = [r["name"] for r in run["results"]]
+        assert names == ["transferstudy", "naive (notebook)"]
+        for r in run["results"]:
+            assert [t["depth"] for t in r["trials"]] == [d for d in range(6) for _ in range(2)]
+            assert all(t["seconds"] > 0 for t in r["trials"])
+    assert sorted(result["compute_floor"]) == ["1", "2", "3", "4", "5"]
+    # Each class keeps its colour in test/, so the validation split is learnable.
+    train_px = _mean_colour(tmp_path / "data" / "train" / "class_001")
+    test_px = _mean_colour(tmp_path / "data" / "test" / "class_001")
+    assert abs(train_px - test_px).max() < 40
+
+
+def _mean_colour(folder: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.mean([np.asarray(Image.open(p)).reshape(-1, 3).max(0) for p in sorted(folder.glob("*.jpg"))], axis=0)
+
+
+def test_bench_gpu_smoke_runs_on_the_cpu(tmp_path):
+    out = _run(["benchmarks/bench_gpu.py", "--smoke", "--epochs", "1", "--out", str(tmp_path / "gpu.json")])
+    assert "projected 20-trial study" in out
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert [r["depth"] for r in result["rows"]] == list(range(6))
