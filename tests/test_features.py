@@ -46,7 +46,7 @@ def test_store_reuses_a_depth_across_trials_and_skips_depth_five(tiny, cpu):
     model.set_unfreeze_depth(5)
     assert store.get(model, data, pool, cpu) is None
     model.set_unfreeze_depth(1)
-    assert estimate_bytes(model, 32, len(pool), 3, torch.float32) == first.nbytes
+    assert estimate_bytes(model, model.unfreeze_depth, 32, len(pool), 3, torch.float32) == first.nbytes
 
 
 def test_views_are_centre_mirror_and_crops(tiny, cpu):
@@ -105,12 +105,17 @@ def test_building_a_view_fills_the_deeper_depths_on_the_way(tiny, cpu):
     store = FeatureStore("t", 4, Augment(), 0, 0.5)
     settings = TrainSettings(epochs=2, lr=1e-3, batch_size=8)
     head_only, _ = build_model(cache.num_classes, "none", 0)
-    fit(head_only, data, splits.train, splits.val, settings, cpu, features=store.get(head_only, data, pool, cpu))
+    trainable = [n for n, p in head_only.named_parameters() if p.requires_grad]
+    first = store.get(head_only, data, pool, cpu)
+    assert head_only.unfreeze_depth == 0 and [n for n, p in head_only.named_parameters() if p.requires_grad] == trainable
+    assert head_only.training and not any(stage.training for stage in head_only.stages)  # sizing the siblings left it as it was
+    fit(head_only, data, splits.train, splits.val, settings, cpu, features=first)
     deeper, _ = build_model(cache.num_classes, "none", 2)
     deeper.load_state_dict({k: v for k, v in head_only.state_dict().items() if not k.startswith("head.")}, strict=False)
     features = store.get(deeper, data, pool, cpu)
     assert features.built == [True, True, False, False] and features.build_seconds == 0.0  # filled by depth 0's pass
     centre = deeper.eval().frozen_features(next(data.batches(pool[:4], 4))[0])
     torch.testing.assert_close(features.views[0, :4], centre, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(head_only.eval().frozen_features(next(data.batches(pool[:4], 4))[0], depth=2), centre)
     fit(deeper, data, splits.train, splits.val, settings, cpu, features=features)
     assert features.build_seconds == 0.0  # its first trial ran no frozen stage

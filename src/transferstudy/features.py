@@ -127,20 +127,20 @@ class FeatureCache:
         self.views[view, start : start + len(h)] = h.to(self.views.device, dtype=self.views.dtype)
 
 
-def activation_shape(model: TransferNet, image_size: int) -> tuple[int, ...]:
-    """Shape of one image's frozen-stage output, found by a dry run on one blank image."""
+def activation_shape(model: TransferNet, image_size: int, depth: int) -> tuple[int, ...]:
+    """Shape of one image's output of the stages frozen at ``depth``, by a dry run on one
+    blank image (batch-norm statistics untouched)."""
     probe = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        shape = tuple(model.frozen_features(probe).shape[1:])
+    shape = tuple(model.frozen_features(probe, depth).shape[1:])
     model.train(was_training)
     return shape
 
 
-def estimate_bytes(model: TransferNet, image_size: int, num_images: int, num_views: int, dtype: torch.dtype) -> int:
-    """Memory the cache will take, computed before it is built."""
-    per_image = int(np.prod(activation_shape(model, image_size)))
+def estimate_bytes(model: TransferNet, depth: int, image_size: int, num_images: int, num_views: int, dtype: torch.dtype) -> int:
+    """Memory the cache of ``depth`` will take, computed before it is built."""
+    per_image = int(np.prod(activation_shape(model, image_size, depth)))
     return per_image * num_images * num_views * torch.tensor([], dtype=dtype).element_size()
 
 
@@ -176,17 +176,17 @@ def _view(x: torch.Tensor, v: int, aug: Augment, gen: torch.Generator) -> torch.
 
 
 def allocate_feature_cache(
-    model: TransferNet, rows: np.ndarray, num_rows: int, num_views: int, aug: Augment, seed: int,
+    model: TransferNet, depth: int, rows: np.ndarray, num_rows: int, num_views: int, aug: Augment, seed: int,
     device: torch.device, placement: torch.device, image_size: int,
 ) -> FeatureCache:
-    """Reserve the memory of a cache; views are built as training first needs them."""
-    shape = activation_shape(model, image_size)
+    """Reserve the memory of the cache of ``depth``; views are built as training first needs them."""
+    shape = activation_shape(model, image_size, depth)
     views = torch.empty((num_views, len(rows), *shape), dtype=storage_dtype(device), device=placement)
     if placement.type == "cpu" and device.type == "cuda":
         views = views.pin_memory()
     position = torch.full((num_rows,), -1, dtype=torch.long)
     position[torch.as_tensor(rows)] = torch.arange(len(rows))
-    return FeatureCache(views, position.to(placement), np.asarray(rows), [False] * num_views, model.unfreeze_depth, aug, seed)
+    return FeatureCache(views, position.to(placement), np.asarray(rows), [False] * num_views, depth, aug, seed)
 
 
 class FeatureStore:
@@ -218,7 +218,7 @@ class FeatureStore:
         if depth == 5 or self.num_views < 1:
             return None
         if depth not in self._caches:
-            cache = self._load(model, data, rows, device) or self._allocate(model, data, rows, device, evict=True)
+            cache = self._load(model, depth, data, rows, device) or self._allocate(model, depth, data, rows, device, evict=True)
             if cache is None:
                 return None
             self._add(depth, cache)
@@ -234,32 +234,27 @@ class FeatureStore:
     def _add_sibling(self, model: TransferNet, depth: int, data, rows, device) -> None:
         if depth in self._caches:
             return
-        own = model.unfreeze_depth
-        model.set_unfreeze_depth(depth)
-        try:
-            cache = self._allocate(model, data, rows, device, evict=False)
-        finally:
-            model.set_unfreeze_depth(own)
+        cache = self._allocate(model, depth, data, rows, device, evict=False)
         if cache is not None:
             self._add(depth, cache)
             self._caches = {depth: self._caches.pop(depth), **self._caches}  # least recently used
 
-    def _allocate(self, model, data, rows, device, evict: bool) -> FeatureCache | None:
+    def _allocate(self, model, depth: int, data, rows, device, evict: bool) -> FeatureCache | None:
         image_size = data.images.shape[1]
-        nbytes = estimate_bytes(model, image_size, len(rows), self.num_views, storage_dtype(device))
+        nbytes = estimate_bytes(model, depth, image_size, len(rows), self.num_views, storage_dtype(device))
         placement = choose_placement(nbytes, device, self.memory_fraction)
         while placement is None and evict and self._caches:
             self._caches.pop(next(iter(self._caches)))  # the least recently used goes first
             runtime.release_memory(device)
             placement = choose_placement(nbytes, device, self.memory_fraction)
         if placement is None:
-            log.info("frozen-activation cache for depth %d skipped: %.2f GB does not fit", model.unfreeze_depth, nbytes / 1e9)
+            log.info("frozen-activation cache for depth %d skipped: %.2f GB does not fit", depth, nbytes / 1e9)
             return None
         log.info(
             "frozen-activation cache for depth %d: %d images x %d views, %.2f GB on %s",
-            model.unfreeze_depth, len(rows), self.num_views, nbytes / 1e9, placement,
+            depth, len(rows), self.num_views, nbytes / 1e9, placement,
         )
-        return allocate_feature_cache(model, rows, len(data.labels), self.num_views, self.aug, self.seed, device, placement, image_size)
+        return allocate_feature_cache(model, depth, rows, len(data.labels), self.num_views, self.aug, self.seed, device, placement, image_size)
 
     def _path(self, depth: int, image_size: int) -> Path | None:
         return self.disk_dir / f"features-{self.key(depth, image_size)}.pt" if self.disk_dir and depth == 0 else None
@@ -275,8 +270,8 @@ class FeatureStore:
         tmp.replace(path)
         self._saved[cache.depth] = list(cache.built)
 
-    def _load(self, model, data, rows, device) -> FeatureCache | None:
-        path = self._path(model.unfreeze_depth, data.images.shape[1])
+    def _load(self, model, depth: int, data, rows, device) -> FeatureCache | None:
+        path = self._path(depth, data.images.shape[1])
         if path is None or not path.is_file():
             return None
         try:
@@ -290,7 +285,7 @@ class FeatureStore:
         placement = choose_placement(saved["views"].numel() * saved["views"].element_size(), device, self.memory_fraction)
         if placement is None:
             return None
-        cache = allocate_feature_cache(model, rows, len(data.labels), self.num_views, self.aug, self.seed, device, placement, image_size)
+        cache = allocate_feature_cache(model, depth, rows, len(data.labels), self.num_views, self.aug, self.seed, device, placement, image_size)
         cache.views.copy_(saved["views"])
         cache.built = list(saved["built"])
         self._saved[cache.depth] = list(cache.built)

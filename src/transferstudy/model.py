@@ -87,15 +87,18 @@ class TransferNet(nn.Module):
             stage.eval()  # frozen stages keep their batch-norm running statistics
         return self
 
-    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Output of the frozen stages: a fixed function of the input (no autograd).
 
         At depth 0 the whole backbone is frozen and the pooled 2048-d vector is returned.
+        ``depth`` asks for the stages frozen at another unfreeze depth (default: this model's);
+        it changes nothing about the model.
         """
+        depth = self.unfreeze_depth if depth is None else depth
         with torch.no_grad():
-            for stage in self.stages[: self.num_frozen]:
+            for stage in self.stages[: MAX_DEPTH - depth]:
                 x = stage(x)
-            if self.unfreeze_depth == 0:
+            if depth == 0:
                 x = torch.flatten(self.pool(x), 1)
         return x
 
