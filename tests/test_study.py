@@ -57,6 +57,25 @@ def test_resume_continues_to_n_trials_in_total(tmp_path):
     assert again.user_attrs["config"]["study"]["n_trials"] == 4
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() below stands in for a worker
+def test_run_started_right_after_a_kill_still_reaches_n_trials(tmp_path):
+    # A worker killed during the last trial leaves it RUNNING with a fresh heartbeat. A run
+    # started at once must wait for that trial to go stale, not stop one trial short as "full".
+    cfg = tiny_config(tmp_path, study={"heartbeat_s": 1})
+    study_mod.run_study(cfg.with_overrides(study={"n_trials": 1}))
+    storage = study_mod.create_storage(cfg.study.storage, heartbeat_s=1)
+    study = optuna.load_study(study_name=cfg.study.name, storage=storage)
+    dead = study.ask()
+    study_id = storage.get_study_id_from_name(cfg.study.name)
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, dead.number))
+
+    resumed = study_mod.run_study(cfg)
+    states = {t.number: t.state for t in resumed.trials}
+    assert states[dead.number] == TrialState.FAIL
+    assert list(states.values()).count(TrialState.COMPLETE) == 2
+    assert not any("surplus" in str(t.user_attrs.get("error", "")) for t in resumed.trials)
+
+
 def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
     real_fit = study_mod.fit
     calls = {"n": 0}

@@ -16,7 +16,8 @@ What a study leaves in its storage (the report is rebuilt from this alone):
 
 Studies resume: running the same study again continues up to ``n_trials`` finished trials in
 total. Trials of a killed worker stop sending heartbeats; the next run marks them failed and
-re-runs their parameters.
+re-runs their parameters (a run started within the grace period, ``2 x heartbeat_s``, waits
+it out when those trials are all that make the study look full).
 """
 
 from __future__ import annotations
@@ -440,6 +441,7 @@ def run_study(cfg: StudyConfig, prepared: PreparedData | None = None, device: st
     runtime.configure(dev)
     study = open_study(cfg)
     optuna.storages.fail_stale_trials(study)  # trials of workers that died: failed (and retried)
+    _wait_out_running_trials(study, cfg)
     _record_run(study, cfg, prepared, dev)
     remaining = cfg.study.n_trials - count_finished(study)
     if remaining <= 0:
@@ -459,6 +461,32 @@ def run_study(cfg: StudyConfig, prepared: PreparedData | None = None, device: st
     if objective.weights is not None:
         study.set_user_attr("weights", vars(objective.weights))
     return study
+
+
+def _wait_out_running_trials(study: optuna.Study, cfg: StudyConfig, poll_s: float = 0.5) -> None:
+    """When running trials are all that make the study look full, give them one grace period.
+
+    A worker killed moments ago leaves its trial RUNNING until its heartbeat is
+    ``2 x heartbeat_s`` old. Restarted at once, the study would count that trial as running and
+    stop as full, one trial short. Waiting one grace period settles it: the trial finishes (a
+    live worker), or its heartbeat goes stale and it is failed and queued again (a dead one).
+    """
+    n = cfg.study.n_trials
+    deadline = time.monotonic() + 2 * cfg.study.heartbeat_s + poll_s
+    told = False
+    while True:
+        finished = count_finished(study)
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished >= n or finished + running < n or time.monotonic() > deadline:
+            return
+        if not told:
+            log.info(
+                "study %r: %d finished, %d running elsewhere; waiting up to %ds for a killed worker's trial to go stale",
+                cfg.study.name, finished, running, 2 * cfg.study.heartbeat_s,
+            )
+            told = True
+        time.sleep(poll_s)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _record_run(study: optuna.Study, cfg: StudyConfig, prepared: PreparedData, dev: torch.device) -> None:
