@@ -55,3 +55,15 @@ def test_bench_gpu_smoke_runs_on_the_cpu(tmp_path):
     assert "projected 20-trial study" in out
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert [r["depth"] for r in result["rows"]] == list(range(6))
+
+
+def test_bench_views_compares_view_counts_with_no_cache(tmp_path):
+    out = _run([
+        "benchmarks/bench_views.py", "--out", str(tmp_path), "--views", "1", "2", "--depths", "1", "--seeds", "1",
+        "--epochs", "1", "--image-size", "16", "--device", "cpu",
+    ])
+    assert "| no cache |" in out and "| 2 |" in out
+    trials = json.loads((tmp_path / "bench_views.json").read_text())["trials"]
+    assert sorted(t["views"] for t in trials) == [0, 1, 2]
+    by_views = {t["views"]: t for t in trials}
+    assert by_views[0]["cache_mb"] == 0.0 and by_views[2]["cache_mb"] == 2 * by_views[1]["cache_mb"] > 0
