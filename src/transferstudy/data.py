@@ -540,8 +540,7 @@ class DeviceData:
         cannot train on it.
         """
         for rows in self.batch_rows(indices, batch_size, shuffle, generator):
-            x = self.images.index_select(0, rows).to(self.device, non_blocking=True)
-            yield normalize(x), self.targets(rows)
+            yield self.inputs(rows), self.targets(rows)
 
     def batch_rows(
         self, indices: np.ndarray, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
@@ -556,6 +555,10 @@ class DeviceData:
             if shuffle and len(rows) < 2:
                 break
             yield rows
+
+    def inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """Normalised images of ``rows`` (from ``batch_rows``) on the training device."""
+        return normalize(self.images.index_select(0, rows).to(self.device, non_blocking=True))
 
     def targets(self, rows: torch.Tensor) -> torch.Tensor:
         """Labels of ``rows`` on the training device."""

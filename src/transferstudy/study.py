@@ -440,8 +440,7 @@ def run_study(cfg: StudyConfig, prepared: PreparedData | None = None, device: st
     dev = runtime.select_device(device or cfg.study.device)
     runtime.configure(dev)
     study = open_study(cfg)
-    optuna.storages.fail_stale_trials(study)  # trials of workers that died: failed (and retried)
-    _wait_out_running_trials(study, cfg)
+    _fail_stale_trials(study, cfg)  # trials of workers that died: failed (and retried)
     _record_run(study, cfg, prepared, dev)
     remaining = cfg.study.n_trials - count_finished(study)
     if remaining <= 0:
@@ -463,8 +462,9 @@ def run_study(cfg: StudyConfig, prepared: PreparedData | None = None, device: st
     return study
 
 
-def _wait_out_running_trials(study: optuna.Study, cfg: StudyConfig, poll_s: float = 0.5) -> None:
-    """When running trials are all that make the study look full, give them one grace period.
+def _fail_stale_trials(study: optuna.Study, cfg: StudyConfig, poll_s: float = 0.5) -> None:
+    """Fail (and queue again) the trials of dead workers; when running trials are all that make
+    the study look full, give them one grace period first.
 
     A worker killed moments ago leaves its trial RUNNING until its heartbeat is
     ``2 x heartbeat_s`` old. Restarted at once, the study would count that trial as running and
@@ -475,6 +475,7 @@ def _wait_out_running_trials(study: optuna.Study, cfg: StudyConfig, poll_s: floa
     deadline = time.monotonic() + 2 * cfg.study.heartbeat_s + poll_s
     told = False
     while True:
+        optuna.storages.fail_stale_trials(study)
         finished = count_finished(study)
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if finished >= n or finished + running < n or time.monotonic() > deadline:
@@ -486,7 +487,6 @@ def _wait_out_running_trials(study: optuna.Study, cfg: StudyConfig, poll_s: floa
             )
             told = True
         time.sleep(poll_s)
-        optuna.storages.fail_stale_trials(study)
 
 
 def _record_run(study: optuna.Study, cfg: StudyConfig, prepared: PreparedData, dev: torch.device) -> None:

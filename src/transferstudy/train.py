@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime
-from .data import Augment, DeviceData, augment_batch, normalize
+from .data import Augment, DeviceData, augment_batch
 from .features import FeatureCache
 from .metrics import ClassificationScores, macro_f1, score
 from .model import TransferNet
@@ -167,8 +167,7 @@ def _train_logits(model, data, rows, s: TrainSettings, device, aug_gen, features
     there is a cache, else from freshly augmented images through the whole network."""
     if features is not None:
         return _cached_logits(model, features, rows, view, device)
-    x = data.images.index_select(0, rows).to(device, non_blocking=True)
-    x = augment_batch(normalize(x), s.augment, aug_gen).contiguous(memory_format=runtime.memory_format(device))
+    x = augment_batch(data.inputs(rows), s.augment, aug_gen).contiguous(memory_format=runtime.memory_format(device))
     return model(x)
 
 
@@ -240,8 +239,7 @@ def evaluate(
             if features is not None:
                 logits = _cached_logits(model, features, rows, 0, device).float()
             else:
-                x = normalize(data.images.index_select(0, rows).to(device, non_blocking=True))
-                logits = model(x.contiguous(memory_format=runtime.memory_format(device))).float()
+                logits = model(data.inputs(rows).contiguous(memory_format=runtime.memory_format(device))).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         probs.append(torch.softmax(logits, 1).cpu().numpy())
         labels.append(y.cpu().numpy())
