@@ -28,10 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transferstudy import runtime  # noqa: E402
-from transferstudy.data import Augment, DeviceData, ImageCache  # noqa: E402
+from transferstudy.config import TrainSection  # noqa: E402
 from transferstudy.features import FeatureStore  # noqa: E402
+from transferstudy.images import DeviceData, ImageCache  # noqa: E402
 from transferstudy.model import build_model  # noqa: E402
-from transferstudy.train import TrainSettings, build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
+from transferstudy.train import build_optimizer, build_scheduler, train_one_epoch  # noqa: E402
 
 CARS = {"images": 16185, "pool": 8144, "classes": 196}
 
@@ -83,7 +84,7 @@ def main() -> None:
     print(f"synthetic dataset on {data.images.device} in {time.perf_counter() - t:.1f} s")
     pool = np.arange(sizes["pool"])
     train_idx = pool[: int(0.8 * len(pool))]
-    settings = TrainSettings(lr=1e-2, batch_size=a.batch_size, optimizer="sgd", augment=Augment())
+    settings = TrainSection(lr=1e-2, batch_size=a.batch_size, optimizer="sgd", augment=True)
     store = FeatureStore("bench-gpu", a.views, settings.augment, 0, memory_fraction=0.6)
     rows = []
     for depth in range(6):

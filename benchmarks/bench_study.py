@@ -33,12 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import naive_baseline  # noqa: E402
+
 from transferstudy import runtime  # noqa: E402
-from transferstudy.data import Augment, DeviceData, load_cache  # noqa: E402
+from transferstudy.config import TrainSection  # noqa: E402
 from transferstudy.datasets import scan_folders  # noqa: E402
 from transferstudy.features import FeatureStore  # noqa: E402
+from transferstudy.images import DeviceData, load_cache  # noqa: E402
 from transferstudy.model import build_model  # noqa: E402
-from transferstudy.train import TrainSettings, build_optimizer, fit  # noqa: E402
+from transferstudy.train import build_optimizer, fit  # noqa: E402
 
 REFERENCE = [(d, 3) for d in range(6) for _ in range(2)]
 
@@ -82,7 +84,7 @@ class Project:
         self.device, self.data, self.num_classes = device, DeviceData(cache, device), cache.num_classes
         self.train_idx, self.val_idx = np.flatnonzero(cache.splits == "train"), np.flatnonzero(cache.splits == "test")
         self.rows = np.sort(np.concatenate([self.train_idx, self.val_idx]))
-        self.settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4, augment=Augment())
+        self.settings = TrainSection(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4, augment=True)
         self.store = FeatureStore("bench", args.views, self.settings.augment, 0, 0.6) if args.views else None
         self.cache_build_s: dict[int, float] = {}
 
@@ -90,7 +92,7 @@ class Project:
         runtime.seed_everything(0)
         model, _ = build_model(self.num_classes, "none", depth)
         features = self.store.get(model, self.data, self.rows, self.device) if self.store else None
-        s = TrainSettings(**{**vars(self.settings), "epochs": epochs})
+        s = TrainSection(**{**vars(self.settings), "epochs": epochs})
         result = fit(model, self.data, self.train_idx, self.val_idx, s, self.device, features=features)
         if features is not None:  # views are built inside the first trials' epochs (included in their seconds)
             self.cache_build_s[depth] = features.build_seconds
@@ -122,7 +124,7 @@ def compute_floor(args, device: torch.device, num_classes: int, steps: int = 8, 
     ``floor / naive`` img/s bounds the warm speed-up any activation cache can reach here.
     ``cpu_bf16`` times the same step under bf16 autocast on the CPU (which transferstudy does
     not use there), to show what that precision would change."""
-    settings = TrainSettings(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4)
+    settings = TrainSection(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4)
     floors = {}
     for depth in range(1, 6):
         runtime.seed_everything(0)

@@ -37,12 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_study import make_dataset  # noqa: E402
 
 from transferstudy import runtime  # noqa: E402
-from transferstudy.data import Augment, DeviceData, load_cache, make_splits  # noqa: E402
+from transferstudy.config import TrainSection  # noqa: E402
 from transferstudy.datasets import scan_folders  # noqa: E402
 from transferstudy.datasets.demo import write_digits  # noqa: E402
 from transferstudy.features import FeatureStore  # noqa: E402
+from transferstudy.images import DeviceData, load_cache  # noqa: E402
 from transferstudy.model import build_model  # noqa: E402
-from transferstudy.train import TrainSettings, fit  # noqa: E402
+from transferstudy.splits import make_splits  # noqa: E402
+from transferstudy.train import fit  # noqa: E402
 
 
 def run_setting(views: int, args, data: DeviceData, splits, num_classes: int, device: torch.device) -> list[dict]:
@@ -51,8 +53,8 @@ def run_setting(views: int, args, data: DeviceData, splits, num_classes: int, de
     rows = np.sort(np.concatenate([splits.train, splits.val]))
     out = []
     for seed in range(args.seeds):
-        settings = TrainSettings(
-            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, seed=seed, augment=Augment()
+        settings = TrainSection(
+            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, train_seed=seed, augment=True
         )
         store = FeatureStore(f"views-{seed}", views, settings.augment, seed, 0.6) if views else None
         for depth in args.depths:

@@ -25,6 +25,20 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def engine_logging() -> None:
+    """Engine progress in the flow-run logs of every run, also one started from the Prefect UI
+    (where ``setup_logging`` of a CLI never ran): the engine's logger passes INFO records to
+    the Prefect handlers that ``PREFECT_LOGGING_EXTRA_LOGGERS`` attached to it."""
+    engine = logging.getLogger("transferstudy")
+    if engine.getEffectiveLevel() > logging.INFO:
+        engine.setLevel(logging.INFO)
+
+
+def artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) for a study name."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "study"
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI body; bad input ends in ``error: <one line>`` and exit status 2."""
     try:

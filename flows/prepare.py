@@ -16,8 +16,10 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.common import run_cli, setup_logging
-from transferstudy import prepare as prepare_mod
+from flows.common import engine_logging, run_cli, setup_logging
+from transferstudy.config import FORMATS
+from transferstudy.datasets import open as open_mod
+from transferstudy.datasets import prepare as prepare_mod
 
 log = logging.getLogger("transferstudy.flows")
 
@@ -41,6 +43,7 @@ def prepare_dataset(source: str, dest: str, format: str, crop: str | None) -> di
 @flow(name="prepare-dataset")
 def prepare_flow(source: str, dest: str, format: str = "auto", crop: str | None = None) -> dict:
     """Prepare one dataset; the problem table also becomes a flow-run artifact."""
+    engine_logging()
     outcome = prepare_dataset(source, dest, format, crop)
     rows = "\n".join(f"| `{f}` | {r} |" for f, r in outcome["problems"][:200]) or "| - | none |"
     create_markdown_artifact(
@@ -55,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.prepare", description="Import and validate an image dataset once.")
     p.add_argument("--source", required=True, help="class folders, a Stanford Cars devkit, or a manifest.csv")
     p.add_argument("--dest", required=True, help="folder for manifest.csv, summary.json and problems.csv")
-    p.add_argument("--format", default="auto", choices=prepare_mod.FORMATS, help="how to read --source (default: auto)")
-    p.add_argument("--crop", choices=prepare_mod.CROPS, help="bbox = crop to annotated boxes (devkit); default: the source's own")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="how to read --source (default: auto)")
+    p.add_argument("--crop", choices=open_mod.CROPS, help="bbox = crop to annotated boxes (devkit); default: the source's own")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    prepare_mod.open_dataset(args.source, args.format, args.crop)  # a bad --source/--format: one line, before Prefect
+    open_mod.open_dataset(args.source, args.format, args.crop)  # a bad --source/--format: one line, before Prefect
     outcome = prepare_flow(args.source, args.dest, args.format, args.crop)
     print(f"{outcome['images']} images in {outcome['classes']} classes, {len(outcome['problems'])} problem(s)")
     print(f"manifest: {outcome['manifest']}\nproblems: {outcome['problems_file']}")

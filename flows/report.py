@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 
 from prefect import flow
 
-from flows.common import run_cli, setup_logging
+from flows.common import engine_logging, run_cli, setup_logging
 from transferstudy.config import StudySection
 
 log = logging.getLogger("transferstudy.flows")
@@ -23,12 +24,18 @@ log = logging.getLogger("transferstudy.flows")
 DEFAULT_STORAGE = StudySection().storage
 
 
+def rebuild_command(study: str, storage: str) -> str:
+    """The command that rebuilds a study's report (shown in the report's header)."""
+    return f"python -m flows.report --study {shlex.quote(study)} --storage {shlex.quote(storage)}"
+
+
 @flow(name="study-report")
 def report_flow(study: str, storage: str = DEFAULT_STORAGE, out: str | None = None) -> str:
     """Write the self-contained HTML report of one study; returns its path."""
     from transferstudy.report import build_report
 
-    return str(build_report(storage, study, out))
+    engine_logging()
+    return str(build_report(storage, study, out, rebuild_command=rebuild_command(study, storage)))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,76 +1,78 @@
-"""Run a transfer-learning study through Prefect: prepare -> study -> report.
+"""Run a transfer-learning study through Prefect: open -> decode -> study -> report.
 
     python -m flows.study                                  # the demo study (embedded digits)
     python -m flows.study --config studies/stanford_cars.toml --data /data/stanford-cars
-    python -m flows.study --n-trials 40 --storage postgresql://user:pw@host/optuna   # one worker of many
+    python -m flows.study --set train.batch_size=128 --set search.epochs=[5,20]   # any study-file key
+    python -m flows.study --n-trials 40 --storage postgresql://user:pw@host/optuna  # one worker of many
     python -m flows.study --serve --cron "0 3 * * *"       # a scheduled deployment (needs a Prefect server)
 
+The flow's one parameter is the whole study configuration (``transferstudy.config.StudyConfig``):
+the Prefect UI shows it as a form, and a scheduled run needs no study file on its machine.
 Re-running the same command resumes the study up to ``n_trials`` finished trials in total.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import shlex
 from datetime import timedelta
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.common import run_cli, setup_logging
+from flows.common import artifact_key, engine_logging, run_cli, setup_logging
 from transferstudy import config as config_mod
 from transferstudy.config import StudyConfig
+from transferstudy.datasets.base import DatasetIndex
 
 log = logging.getLogger("transferstudy.flows")
 
-
-def resolve_config(
-    config: str = str(config_mod.DEFAULT_CONFIG),
-    data: str | None = None,
-    n_trials: int | None = None,
-    timeout: float | None = None,
-    storage: str | None = None,
-    study_name: str | None = None,
-    device: str | None = None,
-    sampler_seed: int | None = None,
-) -> StudyConfig:
-    """The study file with command-line overrides applied (validated again)."""
-    cfg = config_mod.load_config(config)
-    return cfg.with_overrides(
-        study={
-            "n_trials": n_trials, "timeout_s": timeout, "storage": storage, "name": study_name, "device": device,
-            "sampler_seed": sampler_seed,
-        },
-        data={"path": data, "format": "auto" if data else None},
-    )
+#: Short flags for the most used keys: flag -> (table, key). Their help is the key's own
+#: documentation; every other key is reached with ``--set table.key=value``.
+ALIASES: dict[str, tuple[str, str]] = {
+    "--data": ("data", "path"),
+    "--n-trials": ("study", "n_trials"),
+    "--timeout": ("study", "timeout_s"),
+    "--storage": ("study", "storage"),
+    "--study-name": ("study", "name"),
+    "--device": ("study", "device"),
+    "--sampler-seed": ("study", "sampler_seed"),
+}
 
 
-def _dataset_key(context, parameters) -> str:
-    """Prefect cache key of the prepare task: the dataset fingerprint (files + resolution)."""
-    from transferstudy.data import dataset_fingerprint
+@task(name="open-dataset", cache_policy=NO_CACHE)
+def open_dataset(cfg: StudyConfig) -> DatasetIndex:
+    """List the dataset's labelled files (no image is decoded)."""
     from transferstudy.study import open_index
 
+    return open_index(cfg)
+
+
+def _decode_key(context, parameters) -> str:
+    """Prefect cache key of the decode task: the decode cache's key and its health, so a damaged
+    cache is never reported as Cached."""
+    from transferstudy.images.cache import cache_state
+
     cfg: StudyConfig = parameters["cfg"]
-    index = open_index(cfg)
-    return "prepare-" + dataset_fingerprint(index, cfg.data.image_size, cfg.data.resize_mode) + "-" + cfg.data.cache_dir
+    return "decode-" + cache_state(parameters["index"], cfg.data.image_size, cfg.data.cache_dir, cfg.data.resize_mode)
 
 
 @task(
-    name="prepare-data",
-    cache_key_fn=_dataset_key,
+    name="decode-images",
+    cache_key_fn=_decode_key,
     cache_expiration=timedelta(days=30),
     persist_result=True,
     retries=1,
     retry_delay_seconds=5,
 )
-def prepare_data(cfg: StudyConfig) -> dict:
-    """Decode and validate the dataset once; an unchanged dataset is not prepared again."""
-    from transferstudy.study import prepare_data as prepare
+def decode_images(cfg: StudyConfig, index: DatasetIndex) -> dict:
+    """Decode every image once into the cache; an unchanged dataset is not decoded again."""
+    from transferstudy.study import decode_dataset
 
-    summary = prepare(cfg).summary(cfg)
+    summary = decode_dataset(cfg, index).summary(cfg)
     log.info(
         "dataset %s: %d classes, %d images (%d pool, %d holdout), %d skipped files",
         summary["path"], summary["num_classes"], summary["num_images"], summary["pool_images"],
@@ -80,13 +82,13 @@ def prepare_data(cfg: StudyConfig) -> dict:
 
 
 @task(name="run-study", cache_policy=NO_CACHE)
-def run_study(cfg: StudyConfig) -> dict:
-    """Run or resume the Optuna study; then score its best trials on the holdout."""
+def run_study(cfg: StudyConfig, index: DatasetIndex, command: str | None) -> dict:
+    """Run or resume the Optuna study on the decoded images; then score its best trials on the holdout."""
     from transferstudy import study as study_mod
 
-    prepared = study_mod.prepare_data(cfg, show_progress=False)
-    study = study_mod.run_study(cfg, prepared)
-    study_mod.score_holdout(study, cfg, prepared)
+    dataset = study_mod.decode_dataset(cfg, index, show_progress=False)  # the cache decode-images left
+    study = study_mod.run_study(cfg, dataset, command=command)
+    study_mod.score_holdout(study, cfg, dataset)
     rows = study_mod.results_table(study, cfg.study.report_top_k)
     return {"name": study.study_name, "top": rows, "finished": study_mod.count_finished(study)}
 
@@ -94,68 +96,76 @@ def run_study(cfg: StudyConfig) -> dict:
 @task(name="build-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def build_report(cfg: StudyConfig) -> str:
     """Write the self-contained HTML report from the study's storage."""
+    from flows.report import rebuild_command
     from transferstudy.report import build_report as build
 
-    return str(build(cfg.study.storage, cfg.study.name))
+    return str(build(cfg.study.storage, cfg.study.name, rebuild_command=rebuild_command(cfg.study.name, cfg.study.storage)))
 
 
-def _markdown_table(rows: list[dict]) -> str:
-    if not rows:
-        return "No complete trial yet."
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "study"
+def reproduce_command(cfg: StudyConfig) -> str:
+    """The command that runs this study again: its resolved study file, saved with the results."""
+    return f"python -m flows.study --config {shlex.quote(str(cfg.result_dir / 'config.toml'))}"
 
 
 @flow(name="transfer-study")
-def study_flow(
-    config: str = str(config_mod.DEFAULT_CONFIG),
-    data: str | None = None,
-    n_trials: int | None = None,
-    timeout: float | None = None,
-    storage: str | None = None,
-    study_name: str | None = None,
-    device: str | None = None,
-    sampler_seed: int | None = None,
-    report: bool = True,
-) -> str | None:
-    """Prepare the dataset, run (or resume) the study, write the report; returns the report path."""
-    cfg = resolve_config(config, data, n_trials, timeout, storage, study_name, device, sampler_seed)
-    prepare_data(cfg)
-    outcome = run_study(cfg)
-    key = _artifact_key(cfg.study.name)
-    create_markdown_artifact(
+def study_flow(study: StudyConfig = StudyConfig(), report: bool = True) -> str | None:  # noqa: B008
+    """Open and decode the dataset, run (or resume) the study, write the report; returns the report path.
+
+    Args:
+        study: the whole study configuration (a study file, resolved and validated).
+        report: write the HTML report (extra workers of a shared study may skip it).
+    """
+    engine_logging()
+    index = open_dataset(study)
+    decode_images(study, index)
+    outcome = run_study(study, index, reproduce_command(study))
+    key = artifact_key(study.study.name)
+    create_table_artifact(
         key=f"{key}-top-trials",
-        markdown=f"# Study `{cfg.study.name}`: top trials\n\n{_markdown_table(outcome['top'])}\n",
-        description=f"best trials of {cfg.study.name} ({outcome['finished']} finished)",
+        table=outcome["top"] or [{"trial": "no complete trial yet"}],
+        description=f"best trials of {study.study.name} ({outcome['finished']} finished)",
     )
     if not report:
         return None
-    path = build_report(cfg)
-    create_link_artifact(key=f"{key}-report", link=Path(path).resolve().as_uri(), link_text="study report", description=f"HTML report of {cfg.study.name}")
+    path = build_report(study)
+    create_link_artifact(
+        key=f"{key}-report", link=Path(path).resolve().as_uri(), link_text="study report",
+        description=f"HTML report of {study.study.name}",
+    )
     return path
+
+
+def resolve_config(config: str | Path = config_mod.DEFAULT_CONFIG, overrides: list[str] | None = None,
+                   **aliases) -> StudyConfig:
+    """The study file with ``--set`` overrides and alias flags (``n_trials=5``...) applied."""
+    cfg = config_mod.load_config(config)
+    parsed = [config_mod.parse_override(text) for text in overrides or []]
+    for flag, (section, key) in ALIASES.items():
+        value = aliases.get(_dest(flag))
+        if value is not None:
+            parsed.append((section, key, value))
+    return config_mod.apply_overrides(cfg, parsed) if parsed else cfg
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.study",
-        description="Run (or resume) a transfer-learning study through Prefect: prepare -> study -> report.",
+        description="Run (or resume) a transfer-learning study through Prefect: open -> decode -> study -> report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="study file keys:\n" + config_mod.describe_keys(),
+        epilog="study file keys (each also settable with --set table.key=value):\n" + config_mod.describe_keys(),
     )
     p.add_argument("--config", default=str(config_mod.DEFAULT_CONFIG), help="study file (default: %(default)s)")
-    p.add_argument("--data", help="use this dataset (folder, devkit or manifest) with the study file's settings")
-    p.add_argument("--n-trials", type=int, help="finished trials the study should have in total")
-    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    p.add_argument("--storage", help="Optuna storage URL (default: the study file's, sqlite:///studies/optuna.db)")
-    p.add_argument("--study-name", help="Optuna study name (default: the study file's)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the study file's, auto)")
-    p.add_argument("--sampler-seed", type=int, help="sampler seed (give workers that start together different seeds)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override any study-file key, e.g. --set train.batch_size=128 (repeatable)")
+    fields = {"study": config_mod.StudySection, "data": config_mod.DataSection}
+    for flag, (section, key) in ALIASES.items():
+        field = fields[section].model_fields[key]
+        kind = field.annotation if field.annotation in (int, float) else str
+        p.add_argument(flag, type=kind, help=f"= --set {section}.{key}=...: {field.description}")
     p.add_argument("--no-report", action="store_true", help="skip the report (extra workers of a shared study)")
     p.add_argument("--serve", action="store_true", help="serve a deployment of this flow (Prefect server needed)")
     p.add_argument("--cron", help="with --serve: schedule, e.g. \"0 3 * * *\"")
@@ -169,25 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     # Validate before Prefect starts, so bad input is one line, not a failed flow run.
-    cfg = resolve_config(
-        args.config, args.data, args.n_trials, args.timeout, args.storage, args.study_name, args.device, args.sampler_seed
-    )
-    if not args.serve:
-        from transferstudy.study import preflight
-
-        preflight(cfg)
-    params = {
-        "config": args.config, "data": args.data, "n_trials": args.n_trials, "timeout": args.timeout,
-        "storage": args.storage, "study_name": args.study_name, "device": args.device,
-        "sampler_seed": args.sampler_seed, "report": not args.no_report,
-    }
+    cfg = resolve_config(args.config, args.overrides, **{_dest(f): getattr(args, _dest(f)) for f in ALIASES})
     if args.serve:
         if not (args.cron or args.interval):
             raise ValueError("--serve needs --cron or --interval")
         print(f"serving deployment 'transfer-study/{args.name}' (cron={args.cron}, interval={args.interval}); Ctrl-C stops it")
+        params = {"study": cfg.model_dump(mode="json"), "report": not args.no_report}
         study_flow.serve(name=args.name, cron=args.cron, interval=args.interval, parameters=params)
         return 0
-    report = study_flow(**params)
+    from transferstudy.study import preflight
+
+    preflight(cfg)
+    report = study_flow(study=cfg, report=not args.no_report)
     print(f"\nstudy {cfg.study.name!r} in {cfg.study.storage}")
     if report:
         print(f"report:    {report}")

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image, write_class_folders
 from PIL import Image
 
-from conftest import make_image, write_class_folders
 from transferstudy import runtime
-from transferstudy.data import (
+from transferstudy.datasets import DatasetError, scan_folders
+from transferstudy.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Augment,
@@ -21,13 +22,10 @@ from transferstudy.data import (
     ImageProblem,
     augment_batch,
     decode_image,
-    holdout_indices,
     load_cache,
-    make_splits,
     normalize,
-    stratified_partition,
 )
-from transferstudy.datasets import DatasetError, scan_folders
+from transferstudy.splits import holdout_indices, make_splits, stratified_partition
 
 # --------------------------------------------------------------------------- scanning
 

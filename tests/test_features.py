@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from transferstudy.data import Augment, DeviceData, holdout_indices, load_cache, make_splits
+from transferstudy.config import TrainSection
 from transferstudy.datasets import scan_folders
 from transferstudy.features import FeatureStore, estimate_bytes
+from transferstudy.images import Augment, DeviceData, load_cache
 from transferstudy.model import build_model
-from transferstudy.train import TrainSettings, fit
+from transferstudy.splits import holdout_indices, make_splits
+from transferstudy.train import fit
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def tiny(make_dataset, cache_dir, cpu):
 def test_one_view_without_augmentation_matches_uncached_training(tiny, cpu, depth):
     cache, data, pool = tiny
     splits = make_splits(cache, 0.75, 0.0, 0)
-    settings = TrainSettings(epochs=3, lr=3e-3, batch_size=8, backbone_lr_mult=1.0, augment=Augment(enabled=False))
+    settings = TrainSection(epochs=3, lr=3e-3, batch_size=8, backbone_lr_mult=1.0, augment=False)
     torch.manual_seed(0)
     plain, _ = build_model(cache.num_classes, "none", depth)
     cached = copy.deepcopy(plain)
@@ -66,7 +68,7 @@ def test_views_are_built_on_first_use_and_reused_by_later_trials(tiny, cpu):
     cache, data, pool = tiny
     splits = make_splits(cache, 0.75, 0.0, 0)
     store = FeatureStore("t", 4, Augment(), 0, 0.5)
-    settings = TrainSettings(epochs=3, lr=1e-3, batch_size=8)
+    settings = TrainSection(epochs=3, lr=1e-3, batch_size=8)
     first_model, _ = build_model(cache.num_classes, "none", 1)
     features = store.get(first_model, data, pool, cpu)
     fit(first_model, data, splits.train, splits.val, settings, cpu, features=features)
@@ -103,7 +105,7 @@ def test_building_a_view_fills_the_deeper_depths_on_the_way(tiny, cpu):
     cache, data, pool = tiny
     splits = make_splits(cache, 0.75, 0.0, 0)
     store = FeatureStore("t", 4, Augment(), 0, 0.5)
-    settings = TrainSettings(epochs=2, lr=1e-3, batch_size=8)
+    settings = TrainSection(epochs=2, lr=1e-3, batch_size=8)
     head_only, _ = build_model(cache.num_classes, "none", 0)
     trainable = [n for n, p in head_only.named_parameters() if p.requires_grad]
     first = store.get(head_only, data, pool, cpu)

@@ -56,16 +56,16 @@ def test_study_flow_leaves_study_report_and_caches_preparation(prefect_api, tmp_
     from flows.study import study_flow
 
     monkeypatch.chdir(tmp_path)
-    toml = write_toml(tmp_path / "tiny.toml", tiny_raw(tmp_path))
-    state = study_flow(config=str(toml), return_state=True)
+    cfg = tiny_config(tmp_path)
+    state = study_flow(study=cfg, return_state=True)
     report = Path(state.result())
     assert report.is_file() and report.name == "report.html"
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 2
-    assert _task_states(state)["prepare-data"] == "Completed"
+    assert _task_states(state)["decode-images"] == "Completed"
 
-    again = study_flow(config=str(toml), n_trials=3, return_state=True)  # resume: one more trial
-    assert _task_states(again)["prepare-data"] == "Cached"  # unchanged dataset, not prepared twice
+    again = study_flow(study=cfg.with_overrides(study={"n_trials": 3}), return_state=True)  # resume: one more trial
+    assert _task_states(again)["decode-images"] == "Cached"  # unchanged dataset, not decoded twice
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
 
@@ -124,7 +124,7 @@ def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch
     name = f"workers-{uuid.uuid4().hex[:8]}"
     raw = tiny_raw(tmp_path, study={"name": name, "storage": url, "n_trials": 4}, search={"epochs": [1, 1]})
     toml = write_toml(tmp_path / "tiny.toml", raw)
-    study_mod.prepare_data(tiny_config(tmp_path), show_progress=False)  # both workers then reuse the cache
+    study_mod.decode_dataset(tiny_config(tmp_path), show_progress=False)  # both workers then reuse the cache
     workers = [_worker(toml, prefect_api, tmp_path, "--sampler-seed", str(seed)) for seed in (1, 2)]
     codes = [w.wait(timeout=600) for w in workers]
     logs = "\n".join(p.read_text() for p in tmp_path.glob("worker-*.log"))

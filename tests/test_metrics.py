@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from transferstudy.metrics import macro_f1, normalize_rows, score, top_confused_pairs, top_k_accuracy
+from transferstudy.metrics import (
+    macro_f1,
+    normalize_rows,
+    score,
+    top_confused_pairs,
+    top_k_accuracy,
+)
 
 C = 8
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_image
+
 from transferstudy import predict as predict_mod
-from transferstudy.data import decode_image, normalize
+from transferstudy.images import decode_image, normalize
 from transferstudy.model import build_model, load_checkpoint, save_checkpoint
 
 CLASS_NAMES = ["apple", "banana", "cherry", "damson", "elder", "fig"]

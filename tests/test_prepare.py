@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from transferstudy import data
-from transferstudy import prepare as prepare_module
+from transferstudy import images
 from transferstudy.datasets import DatasetError, read_manifest, scan_folders
-from transferstudy.prepare import open_dataset, prepare
+from transferstudy.datasets import prepare as prepare_module
+from transferstudy.datasets.open import open_dataset
+from transferstudy.datasets.prepare import prepare
 
 CLASSES = ["Citroën C4 Picasso 2012", "Ram C-V Cargo Van 2012", "Škoda Octavia 2011"]
 
@@ -83,7 +84,7 @@ def test_manifest_reads_back_as_the_same_dataset(tmp_path):
         assert index.class_names == CLASSES  # spaces and non-ASCII letters survive the CSV
         assert index.samples == scan_folders(src).samples
         assert index.root == src.resolve()
-    cache = data.load_cache(open_dataset(tmp_path / "out"), 16, tmp_path / "cache16", show_progress=False)
+    cache = images.load_cache(open_dataset(tmp_path / "out"), 16, tmp_path / "cache16", show_progress=False)
     assert len(cache) == 15 and list(cache.class_names) == CLASSES
 
 
@@ -125,7 +126,7 @@ def test_bad_files_are_reported_not_fatal(tmp_path, monkeypatch, caplog):
     (train / "empty.jpg").write_bytes(b"")
     (train / "notes.jpg").write_text("not an image")
     write_image(train / "huge.png", 8, size=(100, 100), fmt="PNG")
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 5000)  # 100x100 is "too large", 64x64 is not
+    monkeypatch.setattr(images.decode, "MAX_IMAGE_PIXELS", 5000)  # 100x100 is "too large", 64x64 is not
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
     # operating-system litter is skipped silently
     (train / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -242,7 +243,7 @@ def test_second_prepare_does_no_work_and_a_changed_file_is_picked_up(tmp_path, m
 
     with monkeypatch.context() as m:
         m.setattr(prepare_module, "sha256_file", forbidden)
-        m.setattr(data, "decode_image", forbidden)
+        m.setattr(images.cache, "decode_image", forbidden)
         second = run(src, tmp_path / "out")
     assert (second.n_hashed, second.n_decoded) == (0, 0)
     assert second.manifest_path.read_text(encoding="utf-8") == manifest_before

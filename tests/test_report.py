@@ -21,12 +21,18 @@ import numpy as np
 import optuna
 import pytest
 from helpers import tiny_config
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import TrialState
 
+from flows.study import reproduce_command
 from transferstudy import report
 from transferstudy.config import from_dict
 from transferstudy.metrics import score, top_confused_pairs
+from transferstudy.report import findings, html, sections
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION_IDS = ("header", "findings", "best-trials", "holdout", "curves", "effects", "optuna", "misclassified")
@@ -64,8 +70,8 @@ def build_tiny_study(root: Path) -> tuple[str, str]:
     here = Path.cwd()
     os.chdir(root)  # the demo digits are written under ./studies/data
     try:
-        study = study_mod.run_study(cfg)
-        study_mod.score_holdout(study, cfg, study_mod.prepare_data(cfg, show_progress=False))
+        study = study_mod.run_study(cfg, command=reproduce_command(cfg))
+        study_mod.score_holdout(study, cfg, study_mod.decode_dataset(cfg, show_progress=False))
     finally:
         os.chdir(here)
     (root / "DONE").write_text("ok")
@@ -268,7 +274,7 @@ def test_196_class_report_is_readable_and_small(cars_study, tmp_path):
     assert "<details><summary>Classification report" in holdout  # collapsed for many classes
     pairs = re.search(r"Most confused class pairs</h3>(<table.*?</table>)", holdout, re.S).group(1)
     assert pairs.count("<tr>") == 1 + 20
-    assert section_text(page, "misclassified").count("<img ") == report.MAX_THUMBS
+    assert section_text(page, "misclassified").count("<img ") == sections.MAX_THUMBS
     header = section_text(page, "header")
     assert "weights-warning" not in header and "2 file(s) skipped" in header and "single training image" in header
     assert "30 complete, 9 pruned, 1 failed" in header
@@ -281,20 +287,20 @@ def test_findings_are_computed_from_the_trials(cars_study):
     for t in data.complete:
         best[t.params["unfreeze_depth"]] = max(best.get(t.params["unfreeze_depth"], 0), t.value)
     (d1, v1), (d2, v2) = sorted(best.items(), key=lambda kv: -kv[1])[:2]
-    assert f"depth <b>{d1}</b> did best" in report.depth_finding(data)
-    assert f"{v1 - v2:+.4f}" in report.depth_finding(data) and f"runner-up depth {d2}" in report.depth_finding(data)
+    assert f"depth <b>{d1}</b> did best" in findings.depth_finding(data)
+    assert f"{v1 - v2:+.4f}" in findings.depth_finding(data) and f"runner-up depth {d2}" in findings.depth_finding(data)
     # The synthetic objective grows with train_ratio: the fitted slope must say so.
-    assert "more training data <b>helped</b>" in report.data_finding(data)
+    assert "more training data <b>helped</b>" in findings.data_finding(data)
     pruned = data.of_state(TrialState.PRUNED)
     saved = sum((t.params["epochs"] - len(t.user_attrs["history"])) * t.user_attrs["history"][0]["seconds"] for t in pruned)
-    assert f"{len(pruned)} pruned trial(s) saved an estimated <b>{report.fmt_duration(saved)}</b>" in report.pruning_finding(data)
+    assert f"{len(pruned)} pruned trial(s) saved an estimated <b>{html.fmt_duration(saved)}</b>" in findings.pruning_finding(data)
 
 
 def test_least_squares_slope_and_r2():
     x = np.array([0.5, 0.6, 0.7, 0.8])
-    slope, intercept, r2 = report.least_squares(x, 2.0 * x + 1.0)
+    slope, intercept, r2 = findings.least_squares(x, 2.0 * x + 1.0)
     assert slope == pytest.approx(2.0) and intercept == pytest.approx(1.0) and r2 == pytest.approx(1.0)
-    assert report.least_squares(np.array([0.5, 0.5, 0.5]), np.array([1.0, 2.0, 3.0])) is None
+    assert findings.least_squares(np.array([0.5, 0.5, 0.5]), np.array([1.0, 2.0, 3.0])) is None
 
 
 def test_thin_study_gets_notes_instead_of_plots(tmp_path):

@@ -14,9 +14,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_report import MAX_REPORT_BYTES, build_synthetic_study, build_tiny_study, figures_in
+from test_report import (
+    MAX_REPORT_BYTES,
+    build_synthetic_study,
+    build_tiny_study,
+    figures_in,
+)
 
 from transferstudy import report
+from transferstudy.report import html
+from transferstudy.report.page import asset
+
+ERRORS_JS, SORT_JS = asset("errors.js"), asset("sort.js")
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -82,7 +91,7 @@ def test_error_hook_catches_script_errors(tmp_path):
     """The check above would see a broken page: an error thrown after load lands in the DOM."""
     page = tmp_path / "broken.html"
     page.write_text(
-        f'<html><body><pre id="js-errors" hidden></pre><script>{report.ERROR_HOOK}</script>'
+        f'<html><body><pre id="js-errors" hidden></pre><script>{ERRORS_JS}</script>'
         "<script>console.error('plot failed'); notAFunction();</script></body></html>"
     )
     dom = chromium(page, "--enable-logging=stderr", "--v=0", "--dump-dom")
@@ -91,10 +100,10 @@ def test_error_hook_catches_script_errors(tmp_path):
 
 
 def test_tables_sort_when_a_header_is_clicked(tmp_path):
-    rows = [[report.cell(name), report.cell(value, f"{value:.1%}")] for name, value in (("b", 0.5), ("a", 0.05), ("c", 0.25))]
+    rows = [[html.cell(name), html.cell(value, f"{value:.1%}")] for name, value in (("b", 0.5), ("a", 0.05), ("c", 0.25))]
     page = tmp_path / "sort.html"
     page.write_text(
-        f"<html><body>{report.table(['class', 'share'], rows)}<script>{report.SORT_SCRIPT}</script>"
+        f"<html><body>{html.table(['class', 'share'], rows)}<script>{SORT_JS}</script>"
         "<script>document.querySelectorAll('th')[1].click();</script></body></html>"
     )
     dom = chromium(page, "--dump-dom").stdout

@@ -9,9 +9,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from transferstudy.data import decode_image
 from transferstudy.datasets import DatasetError, read_manifest, scan_stanford_devkit
-from transferstudy.prepare import open_dataset, prepare
+from transferstudy.datasets.open import open_dataset
+from transferstudy.datasets.prepare import prepare
+from transferstudy.images import decode_image
 
 CLASS_NAMES = ["AM General Hummer SUV 2000", "Ram C/V Cargo Van Minivan 2012", "Škoda Octavia Combi 2011"]
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

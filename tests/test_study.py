@@ -9,6 +9,7 @@ from helpers import tiny_config
 from optuna.trial import TrialState
 
 from transferstudy import study as study_mod
+from transferstudy import trial as trial_mod
 from transferstudy.train import NonFiniteLossError
 
 
@@ -23,7 +24,7 @@ def _states(study):
 
 def test_objective_runs_with_fixed_trial(tmp_path):
     cfg = tiny_config(tmp_path)
-    prepared = study_mod.prepare_data(cfg, show_progress=False)
+    prepared = study_mod.decode_dataset(cfg, show_progress=False)
     objective = study_mod.Objective(cfg, prepared, torch.device("cpu"))
     trial = optuna.trial.FixedTrial({"unfreeze_depth": 1, "lr": 3e-3, "epochs": 2, "train_ratio": 0.7})
     value = objective(trial)
@@ -39,7 +40,7 @@ def test_search_space_follows_study_file(tmp_path):
     params = study_mod.suggest(optuna.trial.FixedTrial({
         "unfreeze_depth": 0, "lr": 1e-3, "epochs": 1, "train_ratio": 0.7, "weight_decay": 1e-3, "optimizer": "sgd"
     }), cfg)
-    assert params["optimizer"] == "sgd" and params["weight_decay"] == 1e-3 and params["batch_size"] == 32
+    assert params.optimizer == "sgd" and params.weight_decay == 1e-3 and params.batch_size == 32
 
 
 def test_resume_continues_to_n_trials_in_total(tmp_path):
@@ -77,7 +78,7 @@ def test_run_started_right_after_a_kill_still_reaches_n_trials(tmp_path):
 
 
 def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
-    real_fit = study_mod.fit
+    real_fit = trial_mod.fit
     calls = {"n": 0}
 
     def flaky_fit(*args, **kwargs):
@@ -86,7 +87,7 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
             raise NonFiniteLossError("training loss became nan (try a lower learning rate)")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(study_mod, "fit", flaky_fit)
+    monkeypatch.setattr(trial_mod, "fit", flaky_fit)
     study = study_mod.run_study(tiny_config(tmp_path))
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "NonFiniteLossError" in failed[0].user_attrs["error"]
@@ -96,7 +97,7 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
 def test_holdout_scores_and_checkpoint_policy(tmp_path):
     cfg = tiny_config(tmp_path, study={"n_trials": 3})
     study = study_mod.run_study(cfg)
-    prepared = study_mod.prepare_data(cfg, show_progress=False)
+    prepared = study_mod.decode_dataset(cfg, show_progress=False)
     detail = study_mod.score_holdout(study, cfg, prepared)
     best = study.best_trial
     assert detail["trial"] == best.number
@@ -123,7 +124,7 @@ def test_broken_storage_file_names_the_file(tmp_path):
 
 
 def test_problems_found_at_preparation_reach_the_study(tmp_path, make_dataset):
-    from transferstudy.prepare import prepare
+    from transferstudy.datasets.prepare import prepare
 
     source = make_dataset("photos", num_classes=3, per_class=6, size=16)
     (source / "train" / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -156,6 +157,6 @@ def test_a_streak_of_failed_trials_is_an_error(tmp_path, monkeypatch):
     def diverging_fit(*args, **kwargs):
         raise NonFiniteLossError("training loss became nan (try a lower learning rate)")
 
-    monkeypatch.setattr(study_mod, "fit", diverging_fit)
+    monkeypatch.setattr(trial_mod, "fit", diverging_fit)
     with pytest.raises(RuntimeError, match="5 trials failed in a row"):
         study_mod.run_study(tiny_config(tmp_path))

@@ -8,17 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_class_folders
-from transferstudy.data import Augment, DeviceData, load_cache, make_splits
+
+from transferstudy.config import TrainSection
 from transferstudy.datasets import scan_folders
+from transferstudy.images import DeviceData, load_cache
 from transferstudy.model import build_model
+from transferstudy.splits import make_splits
 from transferstudy.train import (
     EpochRecord,
     NonFiniteLossError,
-    TrainSettings,
-    build_optimizer,
     best_epoch,
+    build_optimizer,
     build_scheduler,
     evaluate,
     fit,
@@ -45,7 +46,7 @@ def test_fit_learns_a_tiny_dataset(tmp_path, cpu):
     assert splits.sizes() == {"train": 56, "val": 24, "holdout": 0}
     torch.manual_seed(0)
     model, _ = build_model(4, weights="none", unfreeze_depth=5)
-    settings = TrainSettings(epochs=8, lr=3e-3, batch_size=8, backbone_lr_mult=1.0, seed=0, augment=Augment(enabled=False))
+    settings = TrainSection(epochs=8, lr=3e-3, batch_size=8, backbone_lr_mult=1.0, train_seed=0, augment=False)
 
     result = fit(model, data, splits.train, splits.val, settings, cpu)
 
@@ -79,11 +80,11 @@ def test_fit_is_reproducible_for_a_seed(small, cpu):
     def run(seed):
         torch.manual_seed(0)
         model, _ = build_model(3, weights="none", unfreeze_depth=1)
-        s = TrainSettings(epochs=2, lr=1e-3, batch_size=4, seed=seed)  # augmentation on
+        s = TrainSection(epochs=2, lr=1e-3, batch_size=4, train_seed=seed)  # augmentation on
         history = fit(model, data, splits.train, splits.val, s, cpu).history
         return [(r.train_loss, r.val_loss) for r in history], model.head.weight.detach().clone()
 
-    (h1, w1), (h2, w2), (h3, w3) = run(0), run(0), run(1)
+    (h1, w1), (h2, w2), (h3, _) = run(0), run(0), run(1)
     assert h1 == h2 and torch.equal(w1, w2)
     assert h1 != h3
 
@@ -93,7 +94,7 @@ def test_fit_keeps_frozen_stages_untouched(small, cpu):
     model, _ = build_model(3, weights="none", unfreeze_depth=2)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("stages.0.", "stages.1.", "stages.2."))}
     trainable = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("stages.3.")}
-    fit(model, data, splits.train, splits.val, TrainSettings(epochs=1, lr=1e-2, batch_size=4, weight_decay=0.5), cpu)
+    fit(model, data, splits.train, splits.val, TrainSection(epochs=1, lr=1e-2, batch_size=4, weight_decay=0.5), cpu)
     state = model.state_dict()
     for k, v in frozen.items():
         assert torch.equal(state[k], v), k
@@ -109,7 +110,7 @@ def test_on_epoch_end_sees_every_epoch_and_can_stop(small, cpu):
         seen.append(record)
         return record.epoch == 2
 
-    result = fit(model, data, splits.train, splits.val, TrainSettings(epochs=5, lr=1e-3, batch_size=4), cpu, stop_after_two)
+    result = fit(model, data, splits.train, splits.val, TrainSection(epochs=5, lr=1e-3, batch_size=4), cpu, stop_after_two)
     assert [r.epoch for r in seen] == [1, 2]
     assert result.history == seen and result.stopped_early
     assert "val_acc" in seen[0].log_line() and "train_loss" in seen[0].log_line()
@@ -126,7 +127,7 @@ def test_on_epoch_end_exception_ends_fit(small, cpu):
         raise Pruned
 
     with pytest.raises(Pruned):
-        fit(model, data, splits.train, splits.val, TrainSettings(epochs=3, batch_size=4), cpu, prune)
+        fit(model, data, splits.train, splits.val, TrainSection(epochs=3, batch_size=4), cpu, prune)
 
 
 def test_nan_loss_raises(small, cpu):
@@ -135,7 +136,7 @@ def test_nan_loss_raises(small, cpu):
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="learning rate"):
-        fit(model, data, splits.train, splits.val, TrainSettings(epochs=1, batch_size=4), cpu)
+        fit(model, data, splits.train, splits.val, TrainSection(epochs=1, batch_size=4), cpu)
 
 
 def test_evaluate(small, cpu):
@@ -156,7 +157,7 @@ def test_evaluate(small, cpu):
     assert math.isnan(empty.scores(3).macro_f1) and empty.scores(3).confusion.shape == (3, 3)
 
 
-def _scheduled_lrs(steps_per_epoch: int, s: TrainSettings) -> list[float]:
+def _scheduled_lrs(steps_per_epoch: int, s: TrainSection) -> list[float]:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s.lr)
     sched = build_scheduler(opt, steps_per_epoch, s)
     lrs = []
@@ -168,24 +169,24 @@ def _scheduled_lrs(steps_per_epoch: int, s: TrainSettings) -> list[float]:
 
 
 def test_scheduler_warmup_then_cosine_to_zero():
-    lrs = _scheduled_lrs(10, TrainSettings(epochs=3, lr=0.1, warmup_epochs=0.5))
+    lrs = _scheduled_lrs(10, TrainSection(epochs=3, lr=0.1, warmup_epochs=0.5))
     assert len(lrs) == 30
     assert all(a < b for a, b in zip(lrs[:5], lrs[1:6]))  # linear warm-up over 5 steps
     assert lrs[5] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))  # then cosine decay
     assert lrs[-1] < 0.002
-    no_warmup = _scheduled_lrs(4, TrainSettings(epochs=2, lr=0.1))
+    no_warmup = _scheduled_lrs(4, TrainSection(epochs=2, lr=0.1))
     assert no_warmup[0] == pytest.approx(0.1)
 
 
 def test_build_optimizer(cpu):
     model, _ = build_model(3, weights="none", unfreeze_depth=1)
-    adamw = build_optimizer(model, TrainSettings(lr=0.02, backbone_lr_mult=0.25, weight_decay=0.3), cpu)
+    adamw = build_optimizer(model, TrainSection(lr=0.02, backbone_lr_mult=0.25, weight_decay=0.3), cpu)
     assert isinstance(adamw, torch.optim.AdamW)
     lrs = {g["name"]: g["lr"] for g in adamw.param_groups}
     assert lrs == {"head": 0.02, "head_no_decay": 0.02, "backbone": 0.005, "backbone_no_decay": 0.005}
-    sgd = build_optimizer(model, TrainSettings(optimizer="sgd", momentum=0.8), cpu)
+    sgd = build_optimizer(model, TrainSection(optimizer="sgd", momentum=0.8), cpu)
     assert isinstance(sgd, torch.optim.SGD)
     assert all(g["momentum"] == 0.8 and g["nesterov"] for g in sgd.param_groups)
     with pytest.raises(ValueError, match="optimizer"):
-        build_optimizer(model, TrainSettings(optimizer="lion"), cpu)
+        build_optimizer(model, TrainSection(optimizer="lion"), cpu)

@@ -1,102 +1,171 @@
-"""Typed, validated study configuration, loaded from ``studies/*.toml``.
+"""The study configuration: one typed model, from the TOML file to the Prefect UI.
 
-A study file has four tables; every key is optional and documented below where it is
-defined (units, range, default). Unknown keys and out-of-range values are rejected with a
-one-line error that names the file and the key, e.g.::
+A study file (``studies/*.toml``) has four tables, ``[study]``, ``[data]``, ``[train]`` and
+``[search]``; every key is optional and documented below where it is defined (units, range,
+default). The same model is:
 
-    studies/demo.toml: [search] lr: expected [low, high] with 0 < low <= high, got [0.1, 0.001]
+* the schema of the study file: unknown keys and out-of-range values are rejected with one
+  line naming the file and the key, e.g.::
 
-The resolved configuration (defaults filled in, overrides applied) is saved with the study.
+      studies/demo.toml: [search] lr: expected [low, high] with 0 < low <= high, got [0.1, 0.001]
+
+* the ``--help`` text (``describe_keys``) and the generic override ``--set section.key=value``
+  (``apply_overrides``);
+* the resolved configuration saved with the study (``config.json``, ``config.toml``, the
+  study's user attrs);
+* the parameter of the Prefect flow: a deployment's *Custom run* shows it as a validated form,
+  and a scheduled run needs no file on the machine that runs it;
+* the training settings of a trial (``TrainSection``: ``train.fit`` reads it directly) and the
+  kinds of the searched dimensions (``SEARCHABLE``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 #: Where committed study definitions live; ``python -m flows.study`` defaults to demo.toml.
 STUDIES_DIR = Path("studies")
 DEFAULT_CONFIG = STUDIES_DIR / "demo.toml"
 
+Objective = Literal["val_accuracy", "val_macro_f1"]
+Sampler = Literal["tpe", "random"]
+Pruner = Literal["median", "hyperband", "none"]
+KeepCheckpoints = Literal["best", "all", "none"]
+Format = Literal["auto", "folders", "stanford-devkit", "manifest"]
+ResizeMode = Literal["center_crop", "stretch"]
+Optimizer = Literal["adamw", "sgd"]
 
+#: The choices, for code that lists or checks them (each written once, in the types above).
+FORMATS: tuple[str, ...] = get_args(Format)
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 #: Named weights (anything else is the path of a local ResNet-50 state_dict) and devices.
 WEIGHT_CHOICES = ("imagenet", "none", "auto")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # or cuda:N
+#: Study-file tables, in file order.
+TABLES = ("study", "data", "train", "search")
 
 
 class ConfigError(ValueError):
     """A study file is unusable; str() is one line naming the file and the key."""
 
 
-def _spec(default, doc: str, *, choices=None, lo=None, hi=None, lo_open=False):
-    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open})
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-@dataclass(frozen=True)
-class StudySection:
+class StudySection(_Section):
     """``[study]``: what to optimise, for how long, and where results go."""
 
-    name: str = _spec("", "Optuna study name; default: the file name without .toml")
-    storage: str = _spec("sqlite:///studies/optuna.db", "any Optuna storage URL (PostgreSQL for several workers)")
-    n_trials: int = _spec(20, "finished (complete or pruned) trials the study ends with, counted across runs and workers; failed trials are replaced (>= 1)", lo=1)
-    timeout_s: float = _spec(0.0, "stop starting new trials after this many seconds of this run; 0 = no limit", lo=0)
-    objective: str = _spec("val_accuracy", "validation metric to maximise", choices=("val_accuracy", "val_macro_f1"))
-    sampler: str = _spec("tpe", "tpe (seeded, multivariate) or random", choices=("tpe", "random"))
-    sampler_seed: int = _spec(0, "seed of the sampler (Optuna's randomness)")
-    pruner: str = _spec("median", "early stop of poor trials per epoch", choices=("median", "hyperband", "none"))
-    pruner_warmup_epochs: int = _spec(1, "median pruner: never prune before this many epochs", lo=0)
-    keep_checkpoints: str = _spec("best", "trained models kept on disk: best, all, or none (then no holdout scores)", choices=("best", "all", "none"))
-    output_dir: str = _spec("studies", "results go to <output_dir>/<name>/ (report, checkpoints, config)")
-    device: str = _spec("auto", "auto | cpu | cuda | cuda:N")
-    heartbeat_s: int = _spec(30, "RDB heartbeat interval: a trial silent for 2x this is retried (seconds, >= 1)", lo=1)
-    report_top_k: int = _spec(5, "best trials scored on the holdout and shown in the report (>= 1)", lo=1)
+    name: str = Field("", description="Optuna study name; default: the file name without .toml")
+    storage: str = Field(
+        "sqlite:///studies/optuna.db",
+        description="any Optuna storage URL (PostgreSQL for several workers)",
+    )
+    n_trials: int = Field(
+        20,
+        ge=1,
+        description="finished (complete or pruned) trials the study ends with, counted across runs "
+        "and workers; failed trials are replaced (>= 1)",
+    )
+    timeout_s: float = Field(
+        0.0, ge=0, description="stop starting new trials after this many seconds of this run; 0 = no limit"
+    )
+    objective: Objective = Field("val_accuracy", description="validation metric to maximise")
+    sampler: Sampler = Field("tpe", description="tpe (seeded, multivariate) or random")
+    sampler_seed: int = Field(0, description="seed of the sampler (Optuna's randomness)")
+    pruner: Pruner = Field("median", description="early stop of poor trials per epoch")
+    pruner_warmup_epochs: int = Field(1, ge=0, description="median pruner: never prune before this many epochs")
+    keep_checkpoints: KeepCheckpoints = Field(
+        "best", description="trained models kept on disk: best, all, or none (then no holdout scores)"
+    )
+    output_dir: str = Field("studies", description="results go to <output_dir>/<name>/ (report, checkpoints, config)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    heartbeat_s: int = Field(
+        30, ge=1, description="RDB heartbeat interval: a trial silent for 2x this is retried (seconds, >= 1)"
+    )
+    report_top_k: int = Field(5, ge=1, description="best trials scored on the holdout and shown in the report (>= 1)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if device not in DEVICE_CHOICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return device
 
 
-@dataclass(frozen=True)
-class DataSection:
+class DataSection(_Section):
     """``[data]``: which images, at which resolution, and the fixed holdout."""
 
-    path: str = _spec("demo", "dataset folder, Stanford Cars devkit folder, manifest.csv, or 'demo' (embedded digits)")
-    format: str = _spec("auto", "how to read path", choices=("auto", "folders", "stanford-devkit", "manifest"))
-    image_size: int = _spec(224, "training resolution in pixels (16..1024)", lo=16, hi=1024)
-    resize_mode: str = _spec("center_crop", "center_crop (shorter side, then centre) or stretch", choices=("center_crop", "stretch"))
-    holdout_fraction: float = _spec(0.2, "share drawn as holdout when the dataset has no test/ folder (0 <= f < 1)", lo=0.0, hi=0.95)
-    split_seed: int = _spec(0, "seed of the holdout draw and of every train/validation split")
-    cache_dir: str = _spec("studies/cache", "where decoded images are cached")
-    demo_per_class: int = _spec(0, "demo only: images per digit class (0 = all 1,797 images)", lo=0)
+    path: str = Field(
+        "demo", description="dataset folder, Stanford Cars devkit folder, manifest.csv, or 'demo' (embedded digits)"
+    )
+    format: Format = Field("auto", description="how to read path")
+    image_size: int = Field(224, ge=16, le=1024, description="training resolution in pixels (16..1024)")
+    resize_mode: ResizeMode = Field(
+        "center_crop", description="center_crop (shorter side, then centre) or stretch"
+    )
+    holdout_fraction: float = Field(
+        0.2, ge=0.0, le=0.95, description="share drawn as holdout when the dataset has no test/ folder (0 <= f < 1)"
+    )
+    split_seed: int = Field(0, description="seed of the holdout draw and of every train/validation split")
+    cache_dir: str = Field("studies/cache", description="where decoded images are cached")
+    demo_per_class: int = Field(0, ge=0, description="demo only: images per digit class (0 = all 1,797 images)")
 
 
-@dataclass(frozen=True)
-class TrainSection:
-    """``[train]``: fixed training settings (a key searched in ``[search]`` may not appear here)."""
+class TrainSection(_Section):
+    """``[train]``: the training settings of every trial (a key searched in ``[search]`` may not
+    appear here; each trial gets a copy with its searched values, see ``with_params``)."""
 
-    weights: str = _spec("auto", "imagenet | none | auto | path to a local ResNet-50 state_dict")
-    unfreeze_depth: int = _spec(0, "trainable stages from the top, 0 (head only) .. 5 (everything)", lo=0, hi=5)
-    lr: float = _spec(1e-3, "peak learning rate of the head (> 0)", lo=0.0, lo_open=True)
-    epochs: int = _spec(5, "passes over the training split (>= 1)", lo=1)
-    train_ratio: float = _spec(0.8, "share of the non-holdout pool used for training, the rest validates (0 < r < 1)", lo=0.0, hi=0.99, lo_open=True)
-    batch_size: int = _spec(64, "images per optimiser step (>= 2)", lo=2)
-    optimizer: str = _spec("adamw", "adamw or sgd (Nesterov momentum)", choices=("adamw", "sgd"))
-    momentum: float = _spec(0.9, "SGD momentum (0..1)", lo=0.0, hi=1.0)
-    weight_decay: float = _spec(1e-4, "decoupled weight decay (>= 0)", lo=0.0)
-    backbone_lr_mult: float = _spec(0.1, "backbone lr = lr x this (0..1]", lo=0.0, hi=1.0, lo_open=True)
-    label_smoothing: float = _spec(0.0, "cross-entropy label smoothing (0..1)", lo=0.0, hi=0.99)
-    warmup_epochs: float = _spec(0.0, "linear warm-up before the cosine decay, in epochs (>= 0)", lo=0.0)
-    augment: bool = _spec(True, "random-resized crop + horizontal flip on the device while training")
-    crop_scale_min: float = _spec(0.35, "smallest random-crop area, as a share of the image (0..1]", lo=0.0, hi=1.0, lo_open=True)
-    train_seed: int = _spec(0, "seed of head init, batch order and augmentation")
-    eval_batch_size: int = _spec(256, "images per forward pass when evaluating (>= 1)", lo=1)
-    compile: bool = _spec(False, "torch.compile the trainable stages (one-off compile per trial; for long GPU trials)")
-    feature_views: int = _spec(4, "views per image in the frozen-activation cache (centre, mirror, crops); 0 = no cache", lo=0, hi=64)
-    feature_memory_fraction: float = _spec(0.5, "largest share of free GPU (or host) memory the frozen-activation cache may take", lo=0.0, hi=0.95)
+    weights: str = Field("auto", description="imagenet | none | auto | path to a local ResNet-50 state_dict")
+    unfreeze_depth: int = Field(0, ge=0, le=5, description="trainable stages from the top, 0 (head only) .. 5 (everything)")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate of the head (> 0)")
+    epochs: int = Field(5, ge=1, description="passes over the training split (>= 1)")
+    train_ratio: float = Field(
+        0.8, gt=0.0, le=0.99, description="share of the non-holdout pool used for training, the rest validates (0 < r < 1)"
+    )
+    batch_size: int = Field(64, ge=2, description="images per optimiser step (>= 2)")
+    optimizer: Optimizer = Field("adamw", description="adamw or sgd (Nesterov momentum)")
+    momentum: float = Field(0.9, ge=0.0, le=1.0, description="SGD momentum (0..1)")
+    weight_decay: float = Field(1e-4, ge=0.0, description="decoupled weight decay (>= 0)")
+    backbone_lr_mult: float = Field(0.1, gt=0.0, le=1.0, description="backbone lr = lr x this (0..1]")
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.99, description="cross-entropy label smoothing (0..1)")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up before the cosine decay, in epochs (>= 0)")
+    augment: bool = Field(True, description="random-resized crop + horizontal flip on the device while training")
+    crop_scale_min: float = Field(
+        0.35, gt=0.0, le=1.0, description="smallest random-crop area, as a share of the image (0..1]"
+    )
+    train_seed: int = Field(0, description="seed of head init, batch order and augmentation")
+    eval_batch_size: int = Field(256, ge=1, description="images per forward pass when evaluating (>= 1)")
+    autocast: bool = Field(True, description="bf16 autocast on CUDA (no effect on the CPU)")
+    compile: bool = Field(
+        False, description="torch.compile the trainable stages (one-off compile per trial; for long GPU trials)"
+    )
+    feature_views: int = Field(
+        4, ge=0, le=64, description="views per image in the frozen-activation cache (centre, mirror, crops); 0 = no cache"
+    )
+    feature_memory_fraction: float = Field(
+        0.5, ge=0.0, le=0.95, description="largest share of free GPU (or host) memory the frozen-activation cache may take"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, weights: str) -> str:
+        if weights not in WEIGHT_CHOICES and not Path(weights).expanduser().is_file():
+            raise ValueError(f"must be imagenet, none, auto or the path of a ResNet-50 state_dict; no file {weights!r}")
+        return weights
+
+    def with_params(self, params: dict[str, Any]) -> TrainSection:
+        """A copy with one trial's searched values (validated like the file's)."""
+        return TrainSection.model_validate({**self.model_dump(), **params})
 
 
-#: Searched dimensions: (kind, allowed values). "log"/"float"/"int" take [low, high]; "choice" a list.
+#: Searched dimensions and their kind: "log"/"float"/"int" take [low, high]; "choice" a list.
 SEARCHABLE: dict[str, str] = {
     "unfreeze_depth": "choice",
     "lr": "log",
@@ -108,114 +177,148 @@ SEARCHABLE: dict[str, str] = {
     "backbone_lr_mult": "log",
     "optimizer": "choice",
 }
+#: The space searched when a study file has no ``[search]`` table (less what ``[train]`` fixes).
+DEFAULT_SPACE: dict[str, list] = {
+    "unfreeze_depth": [0, 1, 2, 3, 4, 5],
+    "lr": [1e-4, 1e-2],
+    "epochs": [2, 10],
+    "train_ratio": [0.5, 0.9],
+}
+
+SearchValue = int | float | str
 
 
-@dataclass(frozen=True)
-class SearchSection:
+class SearchSection(_Section):
     """``[search]``: the space Optuna explores; anything not listed here is fixed by ``[train]``.
 
     Without a ``[search]`` table the four core dimensions (unfreeze_depth, lr, epochs,
-    train_ratio) are searched over the default ranges below, except those ``[train]`` fixes.
-    A ``[search]`` table lists exactly what is searched: core dimensions it leaves out take
-    their ``[train]`` values, and the optional ones (weight_decay, batch_size, label_smoothing,
+    train_ratio) are searched over ``DEFAULT_SPACE``, except those ``[train]`` fixes. A
+    ``[search]`` table lists exactly what is searched: core dimensions it leaves out take their
+    ``[train]`` values, and the optional ones (weight_decay, batch_size, label_smoothing,
     backbone_lr_mult, optimizer) are searched only when listed.
     """
 
-    space: dict[str, Any] = field(default_factory=lambda: {
-        "unfreeze_depth": [0, 1, 2, 3, 4, 5],
-        "lr": [1e-4, 1e-2],
-        "epochs": [2, 10],
-        "train_ratio": [0.5, 0.9],
-    })
+    space: dict[str, list[SearchValue]] = Field(
+        default_factory=lambda: dict(DEFAULT_SPACE),
+        description="searched key -> [low, high] (log/float/int kinds) or a list of choices",
+    )
 
 
-@dataclass(frozen=True)
-class StudyConfig:
-    study: StudySection
-    data: DataSection
-    train: TrainSection
-    search: SearchSection
-    source: str = "<defaults>"
+class StudyConfig(BaseModel):
+    """A whole study: the four tables, plus the file it came from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study: StudySection = Field(default_factory=StudySection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    search: SearchSection = Field(default_factory=SearchSection)
+    source: str = Field("<defaults>", description="the study file this configuration was read from")
 
     @property
     def result_dir(self) -> Path:
         return Path(self.study.output_dir) / self.study.name
 
     def to_dict(self) -> dict:
+        """The resolved configuration as plain data (the form ``from_dict`` reads back)."""
         return {
             "source": self.source,
-            "study": dataclasses.asdict(self.study),
-            "data": dataclasses.asdict(self.data),
+            "study": self.study.model_dump(),
+            "data": self.data.model_dump(),
             # Searched keys are left out of [train]: their values come from each trial.
-            "train": {k: v for k, v in dataclasses.asdict(self.train).items() if k not in self.search.space},
+            "train": {k: v for k, v in self.train.model_dump().items() if k not in self.search.space},
             "search": dict(self.search.space),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def to_toml(self) -> str:
+        """The resolved configuration as a study file (``load_config`` reads it back)."""
+        raw = self.to_dict()
+        lines = [f"# resolved configuration of study {self.study.name!r} (from {self.source})"]
+        for table in TABLES:
+            lines.append(f"\n[{table}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in raw[table].items()]
+        return "\n".join(lines) + "\n"
+
     def with_overrides(self, **sections: dict[str, Any]) -> StudyConfig:
-        """A copy with ``section={key: value}`` overrides applied and validated again."""
+        """A copy with ``section={key: value}`` overrides applied (None = keep) and validated again."""
         raw = self.to_dict()
         for name, values in sections.items():
             raw[name].update({k: v for k, v in values.items() if v is not None})
         return from_dict(raw, source=self.source)
 
 
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
 # --------------------------------------------------------------------------- validation
 
+_SECTIONS: dict[str, type[_Section]] = {"study": StudySection, "data": DataSection, "train": TrainSection}
 
-def _check_value(where: str, key: str, value, f: dataclasses.Field) -> Any:
-    expected = type(f.default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if expected is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where} {key}: expected {expected.__name__}, got {value!r} ({f.metadata['doc']})")
-    m = f.metadata
-    if m["choices"] and value not in m["choices"]:
-        raise ConfigError(f"{where} {key}: must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
-    too_low = m["lo"] is not None and (value <= m["lo"] if m["lo_open"] else value < m["lo"])
-    too_high = m["hi"] is not None and value > m["hi"]
-    if too_low or too_high or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"{where} {key}: {value!r} is out of range ({m['doc']})")
+
+def _one_line(where: str, cls: type[_Section], err: ValidationError) -> ConfigError:
+    """The first validation error as ``<where> <key>: <what> (<the key's documentation>)``."""
+    first = err.errors()[0]
+    key = str(first["loc"][0]) if first["loc"] else ""
+    fields = cls.model_fields
+    if first["type"] == "extra_forbidden":
+        return ConfigError(f"{where} {key}: unknown key (known: {', '.join(fields)})")
+    message = first["msg"].removeprefix("Value error, ")
+    doc = f" ({fields[key].description})" if key in fields else ""
+    got = f", got {first['input']!r}" if "got" not in message else ""
+    return ConfigError(f"{where} {key}: {message}{got}{doc}")
+
+
+def _section(cls: type[_Section], raw: Any, where: str) -> _Section:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {raw!r}")
+    raw = {k: _coerce_number(cls, k, v) for k, v in raw.items()}
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise _one_line(where, cls, err) from None
+
+
+def _coerce_number(cls: type[_Section], key: str, value):
+    """TOML writes ``1`` for a float key, and ``3.0`` is fine for an int key."""
+    field = cls.model_fields.get(key)
+    kind = field.annotation if field is not None else None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 
-def _section(cls, raw: dict, where: str):
+def _search(raw: Any, where: str) -> SearchSection:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where} {unknown[0]}: unknown key (known: {', '.join(fields)})")
-    return cls(**{k: _check_value(where, k, v, fields[k]) for k, v in raw.items()})
-
-
-def _search(raw: dict, where: str) -> SearchSection:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table, got {raw!r}")
-    space = dict(SearchSection().space) if not raw else {}
-    train_fields = {f.name: f for f in dataclasses.fields(TrainSection)}
+    space = dict(DEFAULT_SPACE) if not raw else {}
     for key, value in raw.items():
         kind = SEARCHABLE.get(key)
         if kind is None:
             raise ConfigError(f"{where} {key}: not searchable (searchable: {', '.join(SEARCHABLE)})")
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{where} {key}: expected a non-empty list, got {value!r}")
+        values = [getattr(_section(TrainSection, {key: v}, where), key) for v in value]
         if kind == "choice":
-            values = [_check_value(where, key, v, train_fields[key]) for v in value]
             if len(set(values)) != len(values):
                 raise ConfigError(f"{where} {key}: choices must be distinct, got {value!r}")
-            space[key] = values
-            continue
-        if len(value) != 2:
+        elif len(values) != 2:
             raise ConfigError(f"{where} {key}: expected [low, high], got {value!r}")
-        low, high = (_check_value(where, key, v, train_fields[key]) for v in value)
-        if low > high or (kind == "log" and low <= 0):
-            raise ConfigError(f"{where} {key}: expected [low, high] with {'0 < ' if kind == 'log' else ''}low <= high, got {value!r}")
-        space[key] = [low, high]
+        elif values[0] > values[1] or (kind == "log" and values[0] <= 0):
+            zero = "0 < " if kind == "log" else ""
+            raise ConfigError(f"{where} {key}: expected [low, high] with {zero}low <= high, got {value!r}")
+        space[key] = values
     return SearchSection(space=space)
 
 
@@ -223,12 +326,10 @@ def from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
     """Build and validate a config from parsed TOML (or a saved ``to_dict()``)."""
     raw = dict(raw)
     raw.pop("source", None)
-    unknown = sorted(set(raw) - {"study", "data", "train", "search"})
+    unknown = sorted(set(raw) - set(TABLES))
     if unknown:
-        raise ConfigError(f"{source}: [{unknown[0]}]: unknown table (known: study, data, train, search)")
-    study = _section(StudySection, raw.get("study", {}), f"{source}: [study]")
-    data = _section(DataSection, raw.get("data", {}), f"{source}: [data]")
-    train = _section(TrainSection, raw.get("train", {}), f"{source}: [train]")
+        raise ConfigError(f"{source}: [{unknown[0]}]: unknown table (known: {', '.join(TABLES)})")
+    sections = {name: _section(cls, raw.get(name, {}), f"{source}: [{name}]") for name, cls in _SECTIONS.items()}
     search = _search(raw.get("search", {}), f"{source}: [search]")
     fixed = set(raw.get("train", {}))
     both = sorted(fixed & set(raw.get("search", {})))
@@ -236,23 +337,10 @@ def from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
         raise ConfigError(f"{source}: [train] {both[0]}: also listed in [search]; keep it in one table")
     if not raw.get("search"):  # default space: what [train] fixes is not searched
         search = SearchSection(space={k: v for k, v in search.space.items() if k not in fixed})
-    _check_choice_strings(study, train, source)
+    study = sections["study"]
     if not study.name:
-        study = dataclasses.replace(study, name=Path(source).stem if source.endswith(".toml") else "study")
-    return StudyConfig(study=study, data=data, train=train, search=search, source=source)
-
-
-def _check_choice_strings(study: StudySection, train: TrainSection, source: str) -> None:
-    """Keys whose strings name a choice or a file: caught here rather than mid-study."""
-    device = study.device
-    if device not in DEVICE_CHOICES and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"{source}: [study] device: must be auto, cpu, cuda or cuda:N, got {device!r}")
-    weights = train.weights
-    if weights not in WEIGHT_CHOICES and not Path(weights).expanduser().is_file():
-        raise ConfigError(
-            f"{source}: [train] weights: must be imagenet, none, auto or the path of a ResNet-50 state_dict; "
-            f"no file {weights!r}"
-        )
+        study = study.model_copy(update={"name": Path(source).stem if source.endswith(".toml") else "study"})
+    return StudyConfig(study=study, data=sections["data"], train=sections["train"], search=search, source=source)
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -273,12 +361,49 @@ def load_config(path: str | Path) -> StudyConfig:
     return from_dict(raw, source=str(path))
 
 
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); the value is read as TOML, else as a string.
+
+    Raises:
+        ConfigError: not of that form, or an unknown table.
+    """
+    dotted, sep, value = text.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not (sep and dot and key):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. study.n_trials=40")
+    if section not in TABLES:
+        raise ConfigError(f"--set {text!r}: unknown table [{section}] (known: {', '.join(TABLES)})")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return section, key.strip(), parsed
+
+
+def apply_overrides(cfg: StudyConfig, overrides: list[tuple[str, str, Any]]) -> StudyConfig:
+    """The config with ``(section, key, value)`` overrides applied, validated again.
+
+    A ``[search]`` override replaces that dimension's range; overriding ``data.path`` alone
+    resets ``data.format`` to auto (the new path is detected afresh).
+    """
+    raw = cfg.to_dict()
+    keys = {(section, key) for section, key, _ in overrides}
+    if ("data", "path") in keys and ("data", "format") not in keys:
+        raw["data"]["format"] = "auto"
+    for section, key, value in overrides:
+        if section == "train":
+            raw["search"].pop(key, None)  # fixing a searched key stops searching it
+        raw[section][key] = value
+    return from_dict(raw, source=cfg.source)
+
+
 def describe_keys() -> str:
     """Every key with its default and documentation (used by ``--help`` and the README)."""
     lines = []
-    for title, cls in (("study", StudySection), ("data", DataSection), ("train", TrainSection)):
+    for title, cls in _SECTIONS.items():
         lines.append(f"[{title}]")
-        for f in dataclasses.fields(cls):
-            lines.append(f"  {f.name} = {f.default!r}: {f.metadata['doc']}")
+        for name, f in cls.model_fields.items():
+            lines.append(f"  {name} = {f.default!r}: {f.description}")
     lines.append("[search]  " + ", ".join(f"{k} ({v})" for k, v in SEARCHABLE.items()))
     return "\n".join(lines)
+

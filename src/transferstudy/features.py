@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import runtime
-from .data import Augment, DeviceData, augment_batch
+from .images.batches import Augment, DeviceData, augment_batch
 from .model import TransferNet
 
 log = logging.getLogger(__name__)

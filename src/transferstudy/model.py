@@ -206,7 +206,7 @@ CHECKPOINT_FORMAT = 1
 
 def save_checkpoint(path: str | Path, model: TransferNet, class_names: list[str], image_size: int, resize_mode: str, extra: dict | None = None) -> Path:
     """Write the trained network with everything needed to use it: classes and preprocessing."""
-    from .data import IMAGENET_MEAN, IMAGENET_STD
+    from .images.batches import IMAGENET_MEAN, IMAGENET_STD
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

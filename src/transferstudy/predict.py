@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from . import runtime
-from .data import ImageProblem, decode_image, normalize
+from .images.batches import normalize
+from .images.decode import ImageProblem, decode_image
 from .model import load_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

@@ -12,63 +12,23 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import runtime
-from .data import Augment, DeviceData, augment_batch
+from .config import OPTIMIZERS, TrainSection
 from .features import FeatureCache
+from .images.batches import Augment, DeviceData, augment_batch
 from .metrics import ClassificationScores, macro_f1, score
 from .model import TransferNet
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "sgd")
-
-
 class NonFiniteLossError(RuntimeError):
     """Training diverged (loss became NaN or infinite)."""
-
-
-@dataclass
-class TrainSettings:
-    """Everything that defines one training run, besides the data and the network.
-
-    Attributes:
-        epochs: passes over the training split (>= 1).
-        lr: peak learning rate of the head (typ. 1e-4..1e-1); reached after warm-up.
-        batch_size: images per optimiser step (>= 2).
-        optimizer: "adamw" (default) or "sgd" (Nesterov momentum).
-        momentum: SGD momentum (0..1); ignored by AdamW.
-        weight_decay: decoupled weight decay for weights (not biases/norms), >= 0.
-        backbone_lr_mult: backbone learning rate = lr x this (0..1]; 1 = same as the head.
-        label_smoothing: cross-entropy label smoothing (0..1).
-        warmup_epochs: linear warm-up from 0 before the cosine decay (may be fractional).
-        augment: training-time batch augmentation on the device.
-        eval_batch_size: images per forward pass when evaluating.
-        seed: the train seed: head init, batch order and augmentation.
-        autocast: bf16 autocast on CUDA (no effect on CPU).
-        compile: run the trainable part through ``torch.compile`` (pays a one-off compile time
-            per trial; worth it for long trials on a GPU).
-    """
-
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    backbone_lr_mult: float = 0.1
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 0.0
-    augment: Augment = field(default_factory=Augment)
-    eval_batch_size: int = 256
-    seed: int = 0
-    autocast: bool = True
-    compile: bool = False
 
 
 @dataclass
@@ -131,7 +91,7 @@ class EvalResult:
         return score(self.labels, self.probs, num_classes)
 
 
-def build_optimizer(model: TransferNet, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: TransferNet, s: TrainSection, device: torch.device) -> torch.optim.Optimizer:
     if s.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
     groups = model.param_groups(s.lr, s.weight_decay, s.backbone_lr_mult)
@@ -143,7 +103,7 @@ def build_optimizer(model: TransferNet, s: TrainSettings, device: torch.device) 
     return torch.optim.AdamW(groups, lr=s.lr, **fast)
 
 
-def build_scheduler(optimizer, steps_per_epoch: int, s: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer, steps_per_epoch: int, s: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to zero at the last step; stepped once per batch."""
     total = max(1, steps_per_epoch * s.epochs)
     warmup = min(total - 1, round(s.warmup_epochs * steps_per_epoch))
@@ -162,12 +122,12 @@ def _cached_logits(model: TransferNet, features: FeatureCache, rows: torch.Tenso
     return model.trainable_forward(h.contiguous(memory_format=runtime.memory_format(device)) if h.ndim == 4 else h)
 
 
-def _train_logits(model, data, rows, s: TrainSettings, device, aug_gen, features: FeatureCache | None, view: int) -> torch.Tensor:
+def _train_logits(model, data, rows, s: TrainSection, device, aug_gen, features: FeatureCache | None, view: int) -> torch.Tensor:
     """Logits of one training batch: from cached frozen activations of this epoch's view when
     there is a cache, else from freshly augmented images through the whole network."""
     if features is not None:
         return _cached_logits(model, features, rows, view, device)
-    x = augment_batch(data.inputs(rows), s.augment, aug_gen).contiguous(memory_format=runtime.memory_format(device))
+    x = augment_batch(data.inputs(rows), Augment.from_settings(s), aug_gen).contiguous(memory_format=runtime.memory_format(device))
     return model(x)
 
 
@@ -177,7 +137,7 @@ def train_one_epoch(
     indices: np.ndarray,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    s: TrainSettings,
+    s: TrainSection,
     device: torch.device,
     order_gen: torch.Generator,
     aug_gen: torch.Generator,
@@ -192,7 +152,7 @@ def train_one_epoch(
     Loss and hits are summed on the device and read once at the end, so the loop never
     waits for the GPU between steps.
     """
-    view = features.view_for_epoch(epoch) if features is not None and s.augment.enabled else 0
+    view = features.view_for_epoch(epoch) if features is not None and s.augment else 0
     if features is not None:
         features.ensure_view(view, model, data, device)
     model.train()
@@ -259,7 +219,7 @@ def fit(
     data: DeviceData,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
-    s: TrainSettings,
+    s: TrainSection,
     device: torch.device,
     on_epoch_end: Callable[[EpochRecord], bool | None] | None = None,
     features: FeatureCache | None = None,
@@ -278,15 +238,15 @@ def fit(
     Raises:
         NonFiniteLossError: the training loss became NaN or infinite.
     """
-    runtime.seed_everything(s.seed)
+    runtime.seed_everything(s.train_seed)
     model.to(device, memory_format=runtime.memory_format(device))
     if s.compile:
         model.trainable_forward = torch.compile(model.trainable_forward)  # forward() calls it too
     optimizer = build_optimizer(model, s, device)
     steps = sum(1 for start in range(0, len(train_idx), s.batch_size) if len(train_idx) - start >= 2)
     scheduler = build_scheduler(optimizer, steps, s)
-    order_gen = runtime.generator(s.seed, torch.device("cpu"))
-    aug_gen = runtime.generator(s.seed + 1, device)
+    order_gen = runtime.generator(s.train_seed, torch.device("cpu"))
+    aug_gen = runtime.generator(s.train_seed + 1, device)
     history: list[EpochRecord] = []
     stopped = False
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Open any supported dataset, and prepare one once: decode, hash, check, and write what was found.
+"""Prepare (import) a dataset once: decode, hash, check, and write what was found.
 
     python -m flows.prepare --source data/stanford_cars --dest studies/data/cars --crop bbox
 
@@ -29,19 +29,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import data
-from .datasets.base import SPLITS, DatasetError, DatasetIndex, Problem, Sample
-from .datasets.folders import scan_folders
-from .datasets.manifest import MANIFEST_NAME, PROBLEMS_NAME, read_manifest, read_manifest_frame, write_manifest, write_problems
-from .datasets.stanford import find_devkit_root, scan_stanford_devkit
-from .progress import progress
+from ..images.cache import load_cache
+from ..images.decode import ImageProblem, decode_image
+from ..progress import progress
+from .base import SPLITS, DatasetError, DatasetIndex, Problem, Sample
+from .manifest import (
+    MANIFEST_NAME,
+    PROBLEMS_NAME,
+    read_manifest_frame,
+    write_manifest,
+    write_problems,
+)
+from .open import open_dataset
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "folders", "stanford-devkit", "manifest")
-#: none = whole images; bbox = crop to annotated boxes. None (default) = what the source says:
-#: a manifest's recorded boxes, no crop for folders and devkits.
-CROPS = ("none", "bbox")
 #: Resolution of the validating decode, in pixels: small, as it only has to prove each file decodes.
 VALIDATE_SIZE = 64
 SUMMARY_NAME = "summary.json"
@@ -51,63 +53,6 @@ CACHE_SUBDIR = "cache"
 SIZE_BINS = (0, 64, 128, 224, 256, 384, 512, 768, 1024, 2048)
 _EXIF_ORIENTATION = 0x0112
 _HASH_CHUNK = 1 << 20
-
-
-# --------------------------------------------------------------------------- opening
-
-
-def detect_format(path: Path) -> str:
-    """"manifest" for a .csv file or a folder holding manifest.csv, "stanford-devkit" for a
-    folder with devkit/cars_meta.mat (or stanford_cars/devkit/...), else "folders"."""
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DatasetError(f"not a dataset: {path} is a file (expected a folder or a manifest .csv)")
-        return "manifest"
-    if (path / MANIFEST_NAME).is_file():
-        return "manifest"
-    if find_devkit_root(path) is not None:
-        return "stanford-devkit"
-    return "folders"
-
-
-def open_dataset(path: str | Path, format: str = "auto", crop: str | None = None) -> DatasetIndex:
-    """Read a dataset into a ``DatasetIndex``, whatever its format.
-
-    Args:
-        path: a class-folder dataset, a Stanford Cars devkit folder, a manifest.csv or a
-            folder holding one.
-        format: one of FORMATS; "auto" detects it (see ``detect_format``).
-        crop: one of CROPS, or None for the source's own choice (see CROPS).
-
-    Raises:
-        DatasetError: the path is missing, the format or crop is unknown or does not fit the
-            data, or the importer rejects the data (one line naming the fault).
-    """
-    if format not in FORMATS:
-        raise DatasetError(f"unknown dataset format {format!r} (expected one of {', '.join(FORMATS)})")
-    if crop is not None and crop not in CROPS:
-        raise DatasetError(f"unknown crop {crop!r} (expected one of {', '.join(CROPS)})")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DatasetError(f"dataset not found: {path}")
-    fmt = detect_format(path) if format == "auto" else format
-    if fmt != "manifest" and not path.is_dir():
-        raise DatasetError(f"a {fmt} dataset is a folder, but {path} is a file")
-    if fmt == "manifest":
-        return _crop_manifest(read_manifest(path), crop, path)
-    if fmt == "stanford-devkit":
-        return scan_stanford_devkit(path, crop=crop == "bbox")
-    if crop == "bbox":
-        raise DatasetError(f"crop 'bbox' needs bounding boxes, and the class folders in {path} have none")
-    return scan_folders(path)
-
-
-def _crop_manifest(index: DatasetIndex, crop: str | None, path: Path) -> DatasetIndex:
-    if crop == "none":
-        index.samples = [replace(s, bbox=None) for s in index.samples]
-    elif crop == "bbox" and not any(s.bbox for s in index.samples):
-        raise DatasetError(f"crop 'bbox' asked for, but the manifest {path} has no bounding boxes (prepare it with crop bbox)")
-    return index
 
 
 # --------------------------------------------------------------------------- checks
@@ -137,7 +82,7 @@ def validate_images(
         source=index.source,
     )
     try:
-        cache = data.load_cache(blind, image_size, cache_dir, workers=workers, show_progress=show_progress)
+        cache = load_cache(blind, image_size, cache_dir, workers=workers, show_progress=show_progress)
     except DatasetError:  # not a single file decodes: say why for each
         return [], [Problem(str(s.path), _decode_problem(s, image_size)) for s in index.samples], len(index.samples)
     usable = set(cache.paths)
@@ -146,8 +91,8 @@ def validate_images(
 
 def _decode_problem(sample: Sample, image_size: int) -> str:
     try:
-        data.decode_image(sample.path, image_size, bbox=sample.bbox)
-    except data.ImageProblem as exc:
+        decode_image(sample.path, image_size, bbox=sample.bbox)
+    except ImageProblem as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - reported, never raised
         return f"could not decode: {type(exc).__name__}: {exc}"

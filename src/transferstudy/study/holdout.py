@@ -1,0 +1,105 @@
+"""Holdout scoring of the best trials, after the search (the holdout never selects anything)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from .. import runtime
+from ..config import StudyConfig
+from ..images.batches import DeviceData
+from ..model import load_checkpoint
+from ..splits import make_splits
+from ..train import evaluate
+from . import attrs
+from .attrs import fmt_param
+from .dataset import DecodedData
+from .objective import checkpoint_dir, drop_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return sorted(done, key=lambda t: (-t.value, t.number))[:k]
+
+
+def score_holdout(study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, device: str | None = None) -> dict | None:
+    """Score the best trials' kept checkpoints on the holdout; prune the checkpoints to policy.
+
+    Each top trial gets a ``holdout`` summary attribute; the best one's full scores
+    (confusion matrix, per-class report, misclassified examples) go to the study's
+    ``holdout`` attribute. Returns those full scores, or None without a scorable trial.
+    """
+    from ..metrics import top_confused_pairs
+
+    dev = runtime.select_device(device or cfg.study.device)
+    cache = dataset.cache
+    splits = make_splits(cache, cfg.train.train_ratio, cfg.data.holdout_fraction, cfg.data.split_seed)
+    if len(splits.holdout) == 0:
+        log.warning("the study has no holdout (holdout_fraction = 0 and no test/ folder); skipping holdout scores")
+        return None
+    data = DeviceData(cache, dev)
+    # Earlier runs' scores stay: their checkpoints may be gone, their results are not.
+    summaries: dict[str, dict] = dict(study.user_attrs.get(attrs.STUDY_HOLDOUT_TOP, {}))
+    best_detail = None
+    for rank, trial in enumerate(top_trials(study, cfg.study.report_top_k)):
+        path = trial.user_attrs.get(attrs.TRIAL_CHECKPOINT)
+        if not path or not Path(path).is_file():
+            continue
+        model, _ = load_checkpoint(path, dev)
+        result = evaluate(model, data, splits.holdout, dev)
+        scores = result.scores(cache.num_classes)
+        summaries[str(trial.number)] = scores.summary()
+        if best_detail is None:
+            pred = result.probs.argmax(1)
+            wrong = np.flatnonzero(pred != result.labels)
+            wrong = wrong[np.argsort(-result.probs[wrong, pred[wrong]], kind="stable")]  # most confident first
+            best_detail = {
+                "trial": trial.number,
+                "rank": rank,
+                **scores.to_dict(),
+                "confused_pairs": top_confused_pairs(scores.confusion, cache.class_names, 20),
+                "misclassified": [
+                    {"row": int(splits.holdout[i]), "true": int(result.labels[i]), "pred": int(pred[i]), "p": float(result.probs[i, pred[i]])}
+                    for i in wrong[:200]
+                ],
+            }
+        del model
+    runtime.release_memory(dev)
+    study.set_user_attr(attrs.STUDY_HOLDOUT_TOP, summaries)
+    if best_detail is not None:
+        study.set_user_attr(attrs.STUDY_HOLDOUT, best_detail)
+        _prune_checkpoints(study, cfg, best_detail["trial"])
+    return best_detail
+
+
+def _prune_checkpoints(study: optuna.Study, cfg: StudyConfig, best_number: int) -> None:
+    if cfg.study.keep_checkpoints != "all":
+        for trial in study.get_trials(deepcopy=False):
+            if trial.number != best_number:
+                drop_checkpoint(trial)
+    best = checkpoint_dir(cfg) / f"trial_{best_number:04d}.pt"
+    if best.is_file():
+        shutil.copyfile(best, cfg.result_dir / "best.pt")
+
+
+def results_table(study: optuna.Study, k: int = 10) -> list[dict]:
+    """The top trials as plain rows (used by flow artifacts and the console)."""
+    rows = []
+    holdout = study.user_attrs.get(attrs.STUDY_HOLDOUT_TOP, {})
+    for t in top_trials(study, k):
+        hold = holdout.get(str(t.number)) or {}
+        rows.append({
+            "trial": t.number,
+            **{k_: fmt_param(v) for k_, v in t.params.items()},
+            "val": round(t.value, 4),
+            "holdout_acc": round(hold["accuracy"], 4) if hold else None,
+            "seconds": round(t.user_attrs.get(attrs.TRIAL_TRAIN_SECONDS, 0.0), 1),
+        })
+    return rows
