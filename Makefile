@@ -6,13 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install install-dev clean-results
+.PHONY: demo test lint install install-dev clean-results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,dashboard,postgres]"
+	$(PY) -m pip install -q -e ".[dev,dashboard,postgres,export]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-results:
 	rm -rf studies/optuna.db studies/cache studies/data studies/demo

@@ -12,12 +12,14 @@ benchmarks/RESULTS.md by hand, with the command and the machine.
     python benchmarks/bench_study.py --floor-only            # the trainable stages' step alone, per depth
     python benchmarks/bench_study.py --device cuda --image-size 224 --classes 50 --per-class 40 --standard
 
-Only torch, torchvision, numpy and Pillow are needed (plus this repository's src/ on the path).
+Needs torch, torchvision, numpy and Pillow, plus what the engine imports (pydantic, pandas, scikit-learn)
+from this repository's src/, which the script puts on the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -37,10 +39,10 @@ import naive_baseline  # noqa: E402
 from transferstudy import runtime  # noqa: E402
 from transferstudy.config import TrainSection  # noqa: E402
 from transferstudy.datasets import scan_folders  # noqa: E402
-from transferstudy.features import FeatureStore  # noqa: E402
-from transferstudy.images import DeviceData, load_cache  # noqa: E402
+from transferstudy.images import load_cache  # noqa: E402
 from transferstudy.model import build_model  # noqa: E402
-from transferstudy.train import build_optimizer, fit  # noqa: E402
+from transferstudy.train import build_optimizer  # noqa: E402
+from transferstudy.trial import TrialRunner  # noqa: E402
 
 REFERENCE = [(d, 3) for d in range(6) for _ in range(2)]
 
@@ -51,7 +53,14 @@ def make_dataset(root: Path, classes: int, per_class: int, val_per_class: int, s
     Each class has one colour in both train/ and test/, so validation accuracy is meaningful.
     """
     marker = root / "DONE.json"
-    spec = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class, "source_px": source_px, "seed": seed, "version": 2}
+    spec = {
+        "classes": classes,
+        "per_class": per_class,
+        "val_per_class": val_per_class,
+        "source_px": source_px,
+        "seed": seed,
+        "version": 2,
+    }
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -72,7 +81,13 @@ def make_dataset(root: Path, classes: int, per_class: int, val_per_class: int, s
 
 
 class Project:
-    """The twelve trials through transferstudy: decode once, frozen activations reused across trials."""
+    """The twelve trials through transferstudy, each one ``TrialRunner.run_trial`` as in a study:
+    decode once, frozen activations reused across trials.
+
+    The generated images are all one pool (no holdout) and ``train_ratio`` cuts it, per class,
+    into as many training and validation images as the baseline's train/ and test/ folders
+    hold, so both contenders train on the same number of images of the same classes.
+    """
 
     name = "transferstudy"
 
@@ -81,24 +96,38 @@ class Project:
         t0 = time.perf_counter()
         cache = load_cache(scan_folders(root), args.image_size, root.parent / "cache", show_progress=False)
         self.one_off_s = time.perf_counter() - t0  # view builds happen inside trials and are in their seconds
-        self.device, self.data, self.num_classes = device, DeviceData(cache, device), cache.num_classes
-        self.train_idx, self.val_idx = np.flatnonzero(cache.splits == "train"), np.flatnonzero(cache.splits == "test")
-        self.rows = np.sort(np.concatenate([self.train_idx, self.val_idx]))
-        self.settings = TrainSection(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4, augment=True)
-        self.store = FeatureStore("bench", args.views, self.settings.augment, 0, 0.6) if args.views else None
+        # --views 0 keeps the default views and runs the frozen stages every step (no cache).
+        views = (
+            {"feature_views": args.views, "feature_memory_fraction": 0.6}
+            if args.views
+            else {"feature_memory_fraction": 0.0}
+        )
+        self.settings = TrainSection(
+            weights="none",
+            lr=args.lr,
+            batch_size=args.batch_size,
+            backbone_lr_mult=1.0,
+            weight_decay=1e-4,
+            augment=True,
+            train_ratio=args.per_class / (args.per_class + args.val_per_class),
+            **views,
+        )
+        pool = dataclasses.replace(cache, splits=np.full(len(cache), "pool"))
+        self.runner = TrialRunner(pool, self.settings.weights, device, holdout_fraction=0.0)
         self.cache_build_s: dict[int, float] = {}
 
     def trial(self, depth: int, epochs: int) -> dict:
-        runtime.seed_everything(0)
-        model, _ = build_model(self.num_classes, "none", depth)
-        features = self.store.get(model, self.data, self.rows, self.device) if self.store else None
-        s = TrainSection(**{**vars(self.settings), "epochs": epochs})
-        result = fit(model, self.data, self.train_idx, self.val_idx, s, self.device, features=features)
-        if features is not None:  # views are built inside the first trials' epochs (included in their seconds)
-            self.cache_build_s[depth] = features.build_seconds
-        del model
-        runtime.release_memory(self.device)
-        return {"depth": depth, "epochs": epochs, "seconds": result.train_seconds, "images_per_s": result.images_per_s, "val_acc": result.final.val_acc}
+        outcome = self.runner.run_trial(self.settings.with_params({"unfreeze_depth": depth, "epochs": epochs}))
+        result = outcome.result
+        if outcome.features is not None:  # views are built inside the first trials' epochs (included in their seconds)
+            self.cache_build_s[depth] = outcome.features.build_seconds
+        return {
+            "depth": depth,
+            "epochs": epochs,
+            "seconds": result.train_seconds,
+            "images_per_s": result.images_per_s,
+            "val_acc": result.final.val_acc,
+        }
 
 
 class Baseline:
@@ -113,11 +142,22 @@ class Baseline:
     def trial(self, depth: int, epochs: int) -> dict:
         a = self.args
         return naive_baseline.run_trial(
-            str(self.root), depth, epochs, a.lr, a.batch_size, a.image_size, self.device, a.workers, self.standard, loaders_pair=self.loaders
+            str(self.root),
+            depth,
+            epochs,
+            a.lr,
+            a.batch_size,
+            a.image_size,
+            self.device,
+            a.workers,
+            self.standard,
+            loaders_pair=self.loaders,
         )
 
 
-def compute_floor(args, device: torch.device, num_classes: int, steps: int = 8, cpu_bf16: bool = False) -> dict[int, float]:
+def compute_floor(
+    args, device: torch.device, num_classes: int, steps: int = 8, cpu_bf16: bool = False
+) -> dict[int, float]:
     """Images/s of the trainable stages' training step alone, per depth: forward, backward and
     optimiser step on a batch whose frozen activations are already computed — no data handling,
     no frozen forward. No cache can make a warm trial train faster than this, so
@@ -163,7 +203,7 @@ def run_once(root: Path, args, device: torch.device) -> tuple[list[dict], dict]:
         contenders.append(Baseline(root, args, device, standard=True))
     trials: dict[str, list[dict]] = {c.name: [] for c in contenders}
     for i, (depth, epochs) in enumerate(REFERENCE):
-        for c in contenders[i % len(contenders):] + contenders[: i % len(contenders)]:
+        for c in contenders[i % len(contenders) :] + contenders[: i % len(contenders)]:
             trials[c.name].append(c.trial(depth, epochs))
     project = contenders[0]
     one_off = {"decode_s": project.one_off_s, "cache_build_s": project.cache_build_s}
@@ -197,22 +237,44 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=32)
     p.add_argument("--val-per-class", type=int, default=8)
-    p.add_argument("--source-px", type=int, default=375, help="height of the generated JPEGs (photo-sized by default, as in Stanford Cars)")
+    p.add_argument(
+        "--source-px",
+        type=int,
+        default=375,
+        help="height of the generated JPEGs (photo-sized by default, as in Stanford Cars)",
+    )
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--views", type=int, default=4, help="frozen-activation cache views (0 = no cache)")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=4,
+        help="training views per image, cached (0 = no cache: the default views, frozen stages run every step)",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baselines")
-    p.add_argument("--standard", action="store_true", help="also time the standard-practice baseline (bf16 + channels_last)")
-    p.add_argument("--repeats", type=int, default=1, help="run the whole comparison this many times; medians are printed too")
-    p.add_argument("--floor-only", action="store_true", help="only time the trainable stages' step alone (fp32, and bf16 on the CPU)")
+    p.add_argument(
+        "--standard", action="store_true", help="also time the standard-practice baseline (bf16 + channels_last)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="run the whole comparison this many times; medians are printed too"
+    )
+    p.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="only time the trainable stages' step alone (fp32, and bf16 on the CPU)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
     runtime.configure(device)
     root = make_dataset(Path(args.out) / "data", args.classes, args.per_class, args.val_per_class, args.source_px)
-    print(f"machine: {platform.processor() or platform.machine()}, {runtime.describe(device)}, torch {torch.__version__}")
-    print(f"dataset: {args.classes} classes x {args.per_class} train + {args.val_per_class} val JPEGs, {args.image_size} px, batch {args.batch_size}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {runtime.describe(device)}, torch {torch.__version__}"
+    )
+    print(
+        f"dataset: {args.classes} classes x {args.per_class} train + {args.val_per_class} val JPEGs, {args.image_size} px, batch {args.batch_size}"
+    )
 
     if args.floor_only:
         fp32 = compute_floor(args, device, args.classes)
@@ -227,16 +289,24 @@ def main() -> None:
         runs.append({"results": results, "one_off": one_off})
         ours = results[0]
         print(f"\n## run {r + 1} of {args.repeats}")
-        print(f"one-off: decode {one_off['decode_s']:.1f} s; building cached views (inside the trials' times): "
-              + ", ".join(f"depth {d}: {s:.1f} s" for d, s in one_off["cache_build_s"].items()))
+        print(
+            f"one-off: decode {one_off['decode_s']:.1f} s; building cached views (inside the trials' times): "
+            + ", ".join(f"depth {d}: {s:.1f} s" for d, s in one_off["cache_build_s"].items())
+        )
         print("\n| run | total s (incl. one-off) | " + " | ".join(f"depth {d} img/s" for d in range(6)) + " |")
         print("|---|---|" + "---|" * 6)
         for res in results:
-            print(f"| {res['name']} | {res['total_s']:.1f} | " + " | ".join(f"{res['images_per_s'][d]:,.1f}" for d in range(6)) + " |")
+            print(
+                f"| {res['name']} | {res['total_s']:.1f} | "
+                + " | ".join(f"{res['images_per_s'][d]:,.1f}" for d in range(6))
+                + " |"
+            )
         for res in results[1:]:
             x = speedups(ours, res)
-            print(f"\ntransferstudy vs {res['name']}: {x['total']:.2f}x faster in total; warm per-trial speed-up by depth: "
-                  + ", ".join(f"{d}: {v:.1f}x" for d, v in x["warm"].items()))
+            print(
+                f"\ntransferstudy vs {res['name']}: {x['total']:.2f}x faster in total; warm per-trial speed-up by depth: "
+                + ", ".join(f"{d}: {v:.1f}x" for d, v in x["warm"].items())
+            )
         print("\nmean validation accuracy by depth: " + "; ".join(f"{res['name']} {res['val_acc']}" for res in results))
     floors = compute_floor(args, device, args.classes)
     naive = runs[-1]["results"][1]["images_per_s"]
@@ -250,10 +320,14 @@ def main() -> None:
         for k, name in enumerate(res["name"] for res in runs[0]["results"][1:]):
             xs = [speedups(run["results"][0], run["results"][k + 1]) for run in runs]
             totals = ", ".join(f"{x['total']:.2f}" for x in xs)
-            print(f"transferstudy vs {name}: total {np.median([x['total'] for x in xs]):.2f}x (runs: {totals}); warm per-trial by depth: "
-                  + ", ".join(f"{d}: {np.median([x['warm'][d] for x in xs]):.1f}x" for d in range(6)))
+            print(
+                f"transferstudy vs {name}: total {np.median([x['total'] for x in xs]):.2f}x (runs: {totals}); warm per-trial by depth: "
+                + ", ".join(f"{d}: {np.median([x['warm'][d] for x in xs]):.1f}x" for d in range(6))
+            )
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_study.json").write_text(json.dumps({"args": vars(args), "runs": runs, "compute_floor": floors}, indent=1))
+    (Path(args.out) / "bench_study.json").write_text(
+        json.dumps({"args": vars(args), "runs": runs, "compute_floor": floors}, indent=1)
+    )
 
 
 if __name__ == "__main__":

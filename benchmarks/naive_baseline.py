@@ -35,7 +35,13 @@ def build(num_classes: int, depth: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = resnet50(weights=None)
     model.fc = nn.Linear(2048, num_classes)
-    groups = {"stem": [model.conv1, model.bn1], "layer1": [model.layer1], "layer2": [model.layer2], "layer3": [model.layer3], "layer4": [model.layer4]}
+    groups = {
+        "stem": [model.conv1, model.bn1],
+        "layer1": [model.layer1],
+        "layer2": [model.layer2],
+        "layer3": [model.layer3],
+        "layer4": [model.layer4],
+    }
     for name in STAGES[: 5 - depth]:
         for module in groups[name]:
             module.requires_grad_(False)
@@ -43,16 +49,28 @@ def build(num_classes: int, depth: int, seed: int) -> nn.Module:
 
 
 def loaders(root: str, image_size: int, batch_size: int, workers: int) -> tuple[DataLoader, DataLoader]:
-    train_tf = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
-    val_tf = transforms.Compose([
-        transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(), transforms.Normalize(MEAN, STD)
-    ])
-    kw = {"batch_size": batch_size, "num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": workers > 0}
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    kw = {
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+    }
     return (
         DataLoader(datasets.ImageFolder(f"{root}/train", train_tf), shuffle=True, drop_last=True, **kw),
         DataLoader(datasets.ImageFolder(f"{root}/test", val_tf), shuffle=False, **kw),
@@ -60,8 +78,17 @@ def loaders(root: str, image_size: int, batch_size: int, workers: int) -> tuple[
 
 
 def run_trial(
-    root: str, depth: int, epochs: int, lr: float, batch_size: int, image_size: int, device: torch.device,
-    workers: int = 2, standard: bool = False, seed: int = 0, loaders_pair=None,
+    root: str,
+    depth: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    image_size: int,
+    device: torch.device,
+    workers: int = 2,
+    standard: bool = False,
+    seed: int = 0,
+    loaders_pair=None,
 ) -> dict:
     """Train one trial the notebook way; returns seconds (the whole trial, validation included),
     training images/s and the final validation accuracy."""
@@ -69,7 +96,9 @@ def run_trial(
     model = build(len(train_dl.dataset.classes), depth, seed).to(device)
     fmt = torch.channels_last if standard and device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if standard and device.type == "cuda" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if standard and device.type == "cuda" else contextlib.nullcontext()
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     started, seen, acc, train_s = time.perf_counter(), 0, 0.0, 0.0
@@ -96,12 +125,21 @@ def run_trial(
     sync()
     seconds = time.perf_counter() - started
     # images/s counts training time only (as transferstudy's fit does); seconds is the whole trial
-    return {"depth": depth, "epochs": epochs, "seconds": seconds, "train_images": seen, "images_per_s": seen / max(train_s, 1e-9), "val_acc": acc}
+    return {
+        "depth": depth,
+        "epochs": epochs,
+        "seconds": seconds,
+        "train_images": seen,
+        "images_per_s": seen / max(train_s, 1e-9),
+        "val_acc": acc,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="folder with train/<class>/ and test/<class>/ (test = validation here)")
+    p.add_argument(
+        "--data", required=True, help="folder with train/<class>/ and test/<class>/ (test = validation here)"
+    )
     p.add_argument("--depth", type=int, default=0)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -111,7 +149,21 @@ def main() -> None:
     p.add_argument("--standard", action="store_true", help="add bf16 autocast + channels_last (CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    print(json.dumps(run_trial(a.data, a.depth, a.epochs, a.lr, a.batch_size, a.image_size, torch.device(a.device), a.workers, a.standard)))
+    print(
+        json.dumps(
+            run_trial(
+                a.data,
+                a.depth,
+                a.epochs,
+                a.lr,
+                a.batch_size,
+                a.image_size,
+                torch.device(a.device),
+                a.workers,
+                a.standard,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Prefect flows: thin orchestration around the ``transferstudy`` engine.
 
-    python -m flows.study      # open -> decode -> study -> report (the demo study by default)
-    python -m flows.prepare    # import and validate a dataset
-    python -m flows.report     # rebuild a study's report from its storage
+python -m flows.study      # open -> decode -> study -> confirm -> refit -> report (demo by default)
+python -m flows.prepare    # import and validate a dataset
+python -m flows.report     # rebuild a study's report from its storage
 """
 
 import os

@@ -55,11 +55,15 @@ def prepare_flow(source: str, dest: str, format: str = "auto", crop: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.prepare", description="Import and validate an image dataset once.")
+    p = argparse.ArgumentParser(
+        prog="python -m flows.prepare", description="Import and validate an image dataset once."
+    )
     p.add_argument("--source", required=True, help="class folders, a Stanford Cars devkit, or a manifest.csv")
     p.add_argument("--dest", required=True, help="folder for manifest.csv, summary.json and problems.csv")
     p.add_argument("--format", default="auto", choices=FORMATS, help="how to read --source (default: auto)")
-    p.add_argument("--crop", choices=open_mod.CROPS, help="bbox = crop to annotated boxes (devkit); default: the source's own")
+    p.add_argument(
+        "--crop", choices=open_mod.CROPS, help="bbox = crop to annotated boxes (devkit); default: the source's own"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.verbose)

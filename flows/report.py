@@ -39,7 +39,9 @@ def report_flow(study: str, storage: str = DEFAULT_STORAGE, out: str | None = No
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flows.report", description="Rebuild a study's HTML report from its Optuna storage.")
+    p = argparse.ArgumentParser(
+        prog="python -m flows.report", description="Rebuild a study's HTML report from its Optuna storage."
+    )
     p.add_argument("--study", required=True, help="Optuna study name")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
     p.add_argument("--out", help="report path (default: <output_dir>/<study>/report.html from the stored config)")

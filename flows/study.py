@@ -1,4 +1,4 @@
-"""Run a transfer-learning study through Prefect: open -> decode -> study -> report.
+"""Run a transfer-learning study through Prefect: open -> decode -> study -> confirm -> refit -> report.
 
     python -m flows.study                                  # the demo study (embedded digits)
     python -m flows.study --config studies/stanford_cars.toml --data /data/stanford-cars
@@ -10,8 +10,6 @@ The flow's one parameter is the whole study configuration (``transferstudy.confi
 the Prefect UI shows it as a form, and a scheduled run needs no study file on its machine.
 Re-running the same command resumes the study up to ``n_trials`` finished trials in total.
 """
-
-from __future__ import annotations
 
 import argparse
 import logging
@@ -27,6 +25,7 @@ from flows.common import artifact_key, engine_logging, run_cli, setup_logging
 from transferstudy import config as config_mod
 from transferstudy.config import StudyConfig
 from transferstudy.datasets.base import DatasetIndex
+from transferstudy.images.cache import cache_status
 
 log = logging.getLogger("transferstudy.flows")
 
@@ -52,12 +51,8 @@ def open_dataset(cfg: StudyConfig) -> DatasetIndex:
 
 
 def _decode_key(context, parameters) -> str:
-    """Prefect cache key of the decode task: the decode cache's key and its health, so a damaged
-    cache is never reported as Cached."""
-    from transferstudy.images.cache import cache_state
-
-    cfg: StudyConfig = parameters["cfg"]
-    return "decode-" + cache_state(parameters["index"], cfg.data.image_size, cfg.data.cache_dir, cfg.data.resize_mode)
+    """Prefect cache key of the decode task: the decode cache's own key (files + settings)."""
+    return "decode-" + parameters["cache_key"]
 
 
 @task(
@@ -68,15 +63,23 @@ def _decode_key(context, parameters) -> str:
     retries=1,
     retry_delay_seconds=5,
 )
-def decode_images(cfg: StudyConfig, index: DatasetIndex) -> dict:
-    """Decode every image once into the cache; an unchanged dataset is not decoded again."""
+def decode_images(cfg: StudyConfig, index: DatasetIndex, cache_key: str) -> dict:
+    """Decode every image once into the cache; an unchanged dataset is not decoded again.
+
+    Args:
+        cache_key: the decode cache's key (``images.cache.cache_status``), the task's cache key.
+    """
     from transferstudy.study import decode_dataset
 
     summary = decode_dataset(cfg, index).summary(cfg)
     log.info(
         "dataset %s: %d classes, %d images (%d pool, %d holdout), %d skipped files",
-        summary["path"], summary["num_classes"], summary["num_images"], summary["pool_images"],
-        summary["holdout_images"], len(summary["problems"]),
+        summary["path"],
+        summary["num_classes"],
+        summary["num_images"],
+        summary["pool_images"],
+        summary["holdout_images"],
+        len(summary["problems"]),
     )
     return summary
 
@@ -93,13 +96,44 @@ def run_study(cfg: StudyConfig, index: DatasetIndex, command: str | None) -> dic
     return {"name": study.study_name, "top": rows, "finished": study_mod.count_finished(study)}
 
 
+@task(name="confirm", cache_policy=NO_CACHE)
+def confirm(cfg: StudyConfig, index: DatasetIndex) -> dict | None:
+    """Retrain the best setting of each depth with several seeds at one train_ratio (``[confirm]``);
+    a resumed study trains only the runs it does not have yet."""
+    from transferstudy import study as study_mod
+
+    dataset = study_mod.decode_dataset(cfg, index, show_progress=False)  # the cache decode-images left
+    summary = study_mod.confirm_study(study_mod.open_study(cfg), cfg, dataset)
+    return (
+        {
+            "runs": summary["runs"],
+            "depths": [{k: d[k] for k in ("depth", "metric", "holdout_accuracy")} for d in summary["depths"]],
+        }
+        if summary
+        else None
+    )
+
+
+@task(name="refit-model", cache_policy=NO_CACHE)
+def refit_model(cfg: StudyConfig, index: DatasetIndex) -> dict | None:
+    """Train the best trial's configuration on the whole pool, score it on the holdout, export it
+    (a resumed study with the same best trial keeps the model it has)."""
+    from transferstudy import study as study_mod
+
+    dataset = study_mod.decode_dataset(cfg, index, show_progress=False)  # the cache decode-images left
+    refit = study_mod.refit_best(study_mod.open_study(cfg), cfg, dataset)
+    return {k: refit[k] for k in ("trial", "train_samples", "holdout", "model_dir", "files")} if refit else None
+
+
 @task(name="build-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def build_report(cfg: StudyConfig) -> str:
     """Write the self-contained HTML report from the study's storage."""
     from flows.report import rebuild_command
     from transferstudy.report import build_report as build
 
-    return str(build(cfg.study.storage, cfg.study.name, rebuild_command=rebuild_command(cfg.study.name, cfg.study.storage)))
+    return str(
+        build(cfg.study.storage, cfg.study.name, rebuild_command=rebuild_command(cfg.study.name, cfg.study.storage))
+    )
 
 
 def reproduce_command(cfg: StudyConfig) -> str:
@@ -109,15 +143,18 @@ def reproduce_command(cfg: StudyConfig) -> str:
 
 @flow(name="transfer-study")
 def study_flow(study: StudyConfig = StudyConfig(), report: bool = True) -> str | None:  # noqa: B008
-    """Open and decode the dataset, run (or resume) the study, write the report; returns the report path.
+    """Open and decode the dataset, run (or resume) the study, confirm the best setting of each
+    depth, refit and export the chosen configuration, write the report; returns the report path.
 
     Args:
         study: the whole study configuration (a study file, resolved and validated).
-        report: write the HTML report (extra workers of a shared study may skip it).
+        report: confirm, refit the model and write the HTML report (extra workers of a shared study
+            skip all three: the once-per-study work is the parent's).
     """
     engine_logging()
     index = open_dataset(study)
-    decode_images(study, index)
+    key, healthy = cache_status(index, study.data.image_size, study.data.cache_dir, study.data.resize_mode)
+    decode_images.with_options(refresh_cache=not healthy)(study, index, key)  # a damaged cache is rebuilt
     outcome = run_study(study, index, reproduce_command(study))
     key = artifact_key(study.study.name)
     create_table_artifact(
@@ -127,16 +164,23 @@ def study_flow(study: StudyConfig = StudyConfig(), report: bool = True) -> str |
     )
     if not report:
         return None
+    if study.confirm.enabled:
+        confirm(study, index)
+    if study.refit.enabled:
+        refit_model(study, index)
     path = build_report(study)
     create_link_artifact(
-        key=f"{key}-report", link=Path(path).resolve().as_uri(), link_text="study report",
+        key=f"{key}-report",
+        link=Path(path).resolve().as_uri(),
+        link_text="study report",
         description=f"HTML report of {study.study.name}",
     )
     return path
 
 
-def resolve_config(config: str | Path = config_mod.DEFAULT_CONFIG, overrides: list[str] | None = None,
-                   **aliases) -> StudyConfig:
+def resolve_config(
+    config: str | Path = config_mod.DEFAULT_CONFIG, overrides: list[str] | None = None, **aliases
+) -> StudyConfig:
     """The study file with ``--set`` overrides and alias flags (``n_trials=5``...) applied."""
     cfg = config_mod.load_config(config)
     parsed = [config_mod.parse_override(text) for text in overrides or []]
@@ -154,21 +198,31 @@ def _dest(flag: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.study",
-        description="Run (or resume) a transfer-learning study through Prefect: open -> decode -> study -> report.",
+        description="Run (or resume) a transfer-learning study through Prefect: open -> decode -> study -> confirm -> refit -> report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="study file keys (each also settable with --set table.key=value):\n" + config_mod.describe_keys(),
     )
     p.add_argument("--config", default=str(config_mod.DEFAULT_CONFIG), help="study file (default: %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                   help="override any study-file key, e.g. --set train.batch_size=128 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override any study-file key, e.g. --set train.batch_size=128 (repeatable)",
+    )
     fields = {"study": config_mod.StudySection, "data": config_mod.DataSection}
     for flag, (section, key) in ALIASES.items():
         field = fields[section].model_fields[key]
         kind = field.annotation if field.annotation in (int, float) else str
         p.add_argument(flag, type=kind, help=f"= --set {section}.{key}=...: {field.description}")
-    p.add_argument("--no-report", action="store_true", help="skip the report (extra workers of a shared study)")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the confirmation, the refit and the report (extra workers of a shared study)",
+    )
     p.add_argument("--serve", action="store_true", help="serve a deployment of this flow (Prefect server needed)")
-    p.add_argument("--cron", help="with --serve: schedule, e.g. \"0 3 * * *\"")
+    p.add_argument("--cron", help='with --serve: schedule, e.g. "0 3 * * *"')
     p.add_argument("--interval", type=float, help="with --serve: run every this many seconds")
     p.add_argument("--name", default="transfer-study", help="with --serve: deployment name (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -183,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         if not (args.cron or args.interval):
             raise ValueError("--serve needs --cron or --interval")
-        print(f"serving deployment 'transfer-study/{args.name}' (cron={args.cron}, interval={args.interval}); Ctrl-C stops it")
+        print(
+            f"serving deployment 'transfer-study/{args.name}' (cron={args.cron}, interval={args.interval}); Ctrl-C stops it"
+        )
         params = {"study": cfg.model_dump(mode="json"), "report": not args.no_report}
         study_flow.serve(name=args.name, cron=args.cron, interval=args.interval, parameters=params)
         return 0

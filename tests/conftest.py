@@ -108,3 +108,34 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` on loopback for the whole session: flows, served
+    deployments and flow CLIs all talk to it (PREFECT_API_URL), instead of each starting a
+    temporary server of its own."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import free_port, stop, wait_http
+
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{api}/health", server, 240)
+        yield api
+    finally:
+        stop(server)
+        log.close()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 from transferstudy.config import StudyConfig, from_dict
@@ -12,6 +16,7 @@ TINY = {
     "data": {"path": "demo", "image_size": 16, "demo_per_class": 12},
     "train": {"weights": "none", "batch_size": 32},
     "search": {"unfreeze_depth": [0, 1], "lr": [1e-3, 1e-2], "epochs": [1, 2], "train_ratio": [0.6, 0.8]},
+    "refit": {"enabled": False},  # tests/test_refit.py turns it on
 }
 
 
@@ -21,7 +26,7 @@ def tiny_raw(root: Path, **sections) -> dict:
     raw["study"].update(storage=f"sqlite:///{root}/optuna.db", output_dir=str(root))
     raw["data"]["cache_dir"] = str(root / "cache")
     for name, values in sections.items():
-        raw[name].update(values)
+        raw.setdefault(name, {}).update(values)
     return raw
 
 
@@ -47,3 +52,57 @@ def write_toml(path: Path, raw: dict) -> Path:
         lines += [f"{k} = {value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def run_cli(main, argv: list[str]) -> tuple[int, str, str]:
+    """Run a flow CLI's ``main`` in this process as ``python -m`` would (``flows.common.run_cli``:
+    one-line errors, exit status): (exit status, stdout, stderr). Cheaper than a subprocess,
+    which pays the torch/Prefect imports again."""
+    import contextlib
+    import io
+    import sys
+
+    from flows.common import run_cli as run
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["python", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run(lambda: main(argv))
+    except SystemExit as done:
+        return int(done.code or 0), out.getvalue(), err.getvalue()
+    finally:
+        sys.argv = saved
+    raise AssertionError("run_cli always exits")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: float) -> bytes:
+    # A private opener without proxies: urllib's global one keeps whatever proxy settings the
+    # first download of the process saw (an offline test sets a dead one on purpose).
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        try:
+            with opener.open(url, timeout=2) as r:
+                return r.read()
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -23,10 +23,31 @@ def _run(args: list[str], timeout: int = 300) -> str:
 
 
 def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
-    out = _run([
-        "benchmarks/bench_study.py", "--out", str(tmp_path), "--classes", "2", "--per-class", "4", "--val-per-class", "2",
-        "--source-px", "48", "--image-size", "16", "--batch-size", "8", "--repeats", "2", "--workers", "0", "--device", "cpu",
-    ])
+    out = _run(
+        [
+            "benchmarks/bench_study.py",
+            "--out",
+            str(tmp_path),
+            "--classes",
+            "2",
+            "--per-class",
+            "4",
+            "--val-per-class",
+            "2",
+            "--source-px",
+            "48",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--repeats",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "## median over 2 runs" in out and "## compute floor" in out
     result = json.loads((tmp_path / "bench_study.json").read_text())
     assert len(result["runs"]) == 2
@@ -58,10 +79,26 @@ def test_bench_gpu_smoke_runs_on_the_cpu(tmp_path):
 
 
 def test_bench_views_compares_view_counts_with_no_cache(tmp_path):
-    out = _run([
-        "benchmarks/bench_views.py", "--out", str(tmp_path), "--views", "1", "2", "--depths", "1", "--seeds", "1",
-        "--epochs", "1", "--image-size", "16", "--device", "cpu",
-    ])
+    out = _run(
+        [
+            "benchmarks/bench_views.py",
+            "--out",
+            str(tmp_path),
+            "--views",
+            "1",
+            "2",
+            "--depths",
+            "1",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "| no cache |" in out and "| 2 |" in out
     trials = json.loads((tmp_path / "bench_views.json").read_text())["trials"]
     assert sorted(t["views"] for t in trials) == [0, 1, 2]

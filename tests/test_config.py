@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from transferstudy.config import ConfigError, from_dict, load_config
 
@@ -40,10 +41,10 @@ def _write(tmp_path, text):
         ("[search]\nunfreeze_depth = [0, 7]\n", "[search] unfreeze_depth"),
         ("[search]\nmomentum = [0.8, 0.9]\n", "[search] momentum"),
         ("[train]\nlr = 0.1\n[search]\nlr = [0.01, 0.1]\n", "[train] lr"),
-        ("[study]\npruner = \"asha\"\n", "[study] pruner"),
-        ("[sudy]\nname = \"x\"\n", "[sudy]"),
-        ("[study]\ndevice = \"gpu\"\n", "[study] device"),
-        ("[train]\nweights = \"imagnet\"\n", "[train] weights"),
+        ('[study]\npruner = "asha"\n', "[study] pruner"),
+        ('[sudy]\nname = "x"\n', "[sudy]"),
+        ('[study]\ndevice = "gpu"\n', "[study] device"),
+        ('[train]\nweights = "imagnet"\n', "[train] weights"),
     ],
 )
 def test_bad_key_is_named(tmp_path, text, key):
@@ -82,7 +83,11 @@ def test_resolved_config_round_trips():
 def test_cli_broken_study_file_is_one_line(tmp_path):
     path = _write(tmp_path, "[train]\nbatch_size = 1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.study", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "flows.study", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -90,10 +95,23 @@ def test_cli_broken_study_file_is_one_line(tmp_path):
     assert str(path) in lines[0] and "[train] batch_size" in lines[0]
 
 
+def test_cli_set_overrides_any_key_and_refuses_unknown_ones(tmp_path):
+    from flows.study import main, resolve_config
+
+    cfg = resolve_config(ROOT / "studies" / "demo.toml", ["train.batch_size=16", "search.epochs=[1, 2]"], n_trials=3)
+    assert (cfg.train.batch_size, cfg.search.space["epochs"], cfg.study.n_trials) == (16, [1, 2], 3)
+    fixed = resolve_config(ROOT / "studies" / "demo.toml", ["train.lr=0.01"])
+    assert fixed.train.lr == 0.01 and "lr" not in fixed.search.space  # fixing a searched key stops searching it
+    code, _, err = run_cli(main, ["--config", str(ROOT / "studies" / "demo.toml"), "--set", "train.batch_sise=16"])
+    assert code == 2 and err.count("\n") == 1 and "[train] batch_sise: unknown key" in err
+
+
 def test_cli_missing_dataset_is_one_line_before_prefect_starts(tmp_path):
-    path = _write(tmp_path, f"[data]\npath = \"{tmp_path / 'nowhere'}\"\n[study]\nstorage = \"sqlite:///{tmp_path}/o.db\"\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.study", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    from flows.study import main
+
+    path = _write(
+        tmp_path, f'[data]\npath = "{tmp_path / "nowhere"}"\n[study]\nstorage = "sqlite:///{tmp_path}/o.db"\n'
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: dataset not found: {tmp_path / 'nowhere'}"]
+    code, _, err = run_cli(main, ["--config", str(path)])
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: dataset not found: {tmp_path / 'nowhere'}"]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from transferstudy import runtime
 from transferstudy.datasets import DatasetError, scan_folders
+from transferstudy.datasets.base import ClassCounts
 from transferstudy.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +26,7 @@ from transferstudy.images import (
     load_cache,
     normalize,
 )
-from transferstudy.splits import holdout_indices, make_splits, stratified_partition
+from transferstudy.splits import exclude_copies, holdout_indices, holdout_warnings, make_splits, stratified_partition
 
 # --------------------------------------------------------------------------- scanning
 
@@ -39,7 +40,9 @@ def test_scan_split_layout_sorted_and_labelled(split_dataset):
         assert s.path.is_absolute()
         assert s.path.parent.name == index.class_names[s.label]
         assert s.path.parent.parent.name == s.split
-    assert [s.path for s in index.samples] == sorted((s.path for s in index.samples), key=lambda p: (p.parent.parent.name != "train", p))
+    assert [s.path for s in index.samples] == sorted(
+        (s.path for s in index.samples), key=lambda p: (p.parent.parent.name != "train", p)
+    )
 
 
 def test_scan_pool_layout(pool_dataset):
@@ -122,7 +125,9 @@ def test_problems_survive_a_cache_reuse(split_dataset, cache_dir):
 
 @pytest.mark.parametrize("layout", ["split", "pool"])
 def test_class_with_only_bad_files_names_it(tmp_path, cache_dir, layout):
-    root = write_class_folders(tmp_path / "d", num_classes=3, per_class=3, test_per_class=1 if layout == "split" else None)
+    root = write_class_folders(
+        tmp_path / "d", num_classes=3, per_class=3, test_per_class=1 if layout == "split" else None
+    )
     folder = root / "train" / "class_2" if layout == "split" else root / "class_2"
     for f in folder.iterdir():
         f.unlink()
@@ -139,6 +144,40 @@ def test_empty_class_folder_names_it(split_dataset, cache_dir):
     make_image(0, 16, np.random.default_rng(0)).save(split_dataset / "test" / "class_3" / "t.png")
     with pytest.raises(DatasetError, match="class_3"):
         load_cache(scan_folders(split_dataset), 16, cache_dir, workers=1, show_progress=False)
+
+
+@pytest.mark.parametrize("layout", ["split", "pool"])
+def test_a_single_class_is_refused_in_one_line(tmp_path, cache_dir, layout):
+    # One class would make every prediction right: a study of it measures nothing.
+    root = write_class_folders(
+        tmp_path / "d", num_classes=1, per_class=4, test_per_class=2 if layout == "split" else None
+    )
+    with pytest.raises(DatasetError) as info:
+        load_cache(scan_folders(root), 16, cache_dir, workers=1, show_progress=False)
+    assert (
+        str(info.value)
+        == "only 1 class (class_0) has usable training images; a study needs at least 2 classes to tell apart"
+    )
+    assert not list(cache_dir.glob("*/meta.json"))  # refused before a cache is written
+
+
+def test_class_rule_verdicts():
+    names = ["a", "b", "c"]
+    ok = ClassCounts.of(names, [0, 0, 1, 1, 2, 2, 0, 1], ["train"] * 6 + ["test"] * 2)
+    assert ok.error() is None
+    assert ok.warnings() == ["classes absent from the holdout (no usable test/ image): c"]
+    pool = ClassCounts.of(names, [0, 0, 1, 2, 2], ["pool"] * 5)
+    assert pool.test is None and pool.error() is None
+    assert pool.warnings() == ["classes with a single training image (absent from validation): b"]
+    assert ClassCounts.of(names, [0, 1, 2], ["train", "train", "test"]).error() == (
+        "1 class(es) have no usable training image: c (empty folders, or every file was skipped)"
+    )
+    assert (
+        ClassCounts.of(["a"], [0, 0], ["train", "test"])
+        .error()
+        .startswith("only 1 class (a) has usable training images")
+    )
+    assert ClassCounts.of([], [], []).error().startswith("no class has usable training images")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -161,7 +200,10 @@ def _image_in_mode(mode: str) -> Image.Image:
     return rgb.convert(mode)
 
 
-@pytest.mark.parametrize("mode,suffix", [("L", ".png"), ("CMYK", ".jpg"), ("P", ".png"), ("RGBA", ".png"), ("I;16", ".png"), ("1", ".png"), ("L", ".jpg")])
+@pytest.mark.parametrize(
+    "mode,suffix",
+    [("L", ".png"), ("CMYK", ".jpg"), ("P", ".png"), ("RGBA", ".png"), ("I;16", ".png"), ("1", ".png"), ("L", ".jpg")],
+)
 def test_every_mode_becomes_rgb_uint8(tmp_path, mode, suffix):
     path = tmp_path / f"img{suffix}"
     img = _image_in_mode(mode)
@@ -401,6 +443,36 @@ def test_test_folder_is_the_holdout_on_a_real_dataset(split_dataset, cache_dir):
     assert s.sizes() == {"train": 9, "val": 9, "holdout": 6}
     assert all(Path(cache.paths[i]).parent.parent.name == "test" for i in s.holdout)
     assert all(Path(cache.paths[i]).parent.parent.name == "train" for i in np.concatenate([s.train, s.val]))
+
+
+@pytest.mark.parametrize("holdout_fraction", [0.05, 0.2, 0.5, 0.95])
+def test_a_drawn_holdout_misses_exactly_the_classes_too_small_for_it(holdout_fraction):
+    # Each class keeps round((1 - f) n) images in the pool, and at least one: the holdout gets
+    # none of a class with n * f <= 0.5, or of a single image. The report must name them.
+    cache = _fake_cache(UNEVEN)
+    pool, holdout = holdout_indices(cache, holdout_fraction, split_seed=0)
+    expected = [f"c{c}" for c, n in enumerate(UNEVEN) if n == 1 or n * holdout_fraction <= 0.5]
+    held = np.bincount(cache.labels[holdout], minlength=len(UNEVEN))
+    assert [f"c{c}" for c in np.flatnonzero(held == 0)] == expected
+    notes = holdout_warnings(cache, exclude_copies(pool, holdout, {}), holdout_fraction)
+    assert notes == [
+        f"classes absent from the holdout (too few images for a {holdout_fraction:.0%} draw): {', '.join(expected)}"
+    ]
+
+
+def test_holdout_warnings_name_unscored_classes_once():
+    cache = _fake_cache([3, 3, 10])
+    pool, holdout = holdout_indices(cache, 0.2, split_seed=0)
+    assert holdout_warnings(cache, exclude_copies(pool, holdout, {}), 0.2) == []  # 3 images give the holdout one
+    only_c1 = [i for i, row in enumerate(holdout) if cache.labels[row] == 1]
+    assert holdout_warnings(cache, exclude_copies(pool, holdout, {only_c1[0]: [0]}), 0.2) == [
+        "classes absent from the holdout (every holdout image copies a training image): c1"
+    ]
+    assert holdout_warnings(cache, exclude_copies(*holdout_indices(cache, 0.0, 0), {}), 0.0) == []  # no holdout at all
+    tested = _fake_cache([3, 3], test_counts=[1, 0])
+    assert (
+        holdout_warnings(tested, exclude_copies(*holdout_indices(tested, 0.2, 0), {}), 0.2) == []
+    )  # check_classes names c1
 
 
 def test_stratified_partition_is_nested_across_fractions():

@@ -21,13 +21,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    """One temporary Prefect API server for the module (the harness must not be nested)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(prefect_server):
+    """The session's Prefect server, for flows run in this process and in worker processes."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        yield prefect_server
 
 
 def _worker_env(api_url: str) -> dict:
@@ -38,7 +37,10 @@ def _worker(toml: Path, api_url: str, cwd: Path, *extra: str) -> subprocess.Pope
     log = open(cwd / f"worker-{uuid.uuid4().hex[:6]}.log", "w")
     return subprocess.Popen(
         [sys.executable, "-m", "flows.study", "--config", str(toml), "--no-report", *extra],
-        cwd=ROOT, env=_worker_env(api_url), stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=_worker_env(api_url),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -63,11 +65,19 @@ def test_study_flow_leaves_study_report_and_caches_preparation(prefect_api, tmp_
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 2
     assert _task_states(state)["decode-images"] == "Completed"
+    assert _task_states(state)["confirm"] == "Completed"  # after the search: each depth's best setting, 3 seeds
+    assert [g["metric"]["n"] for g in study.user_attrs["confirmation"]["depths"]] == [3, 3]
+    assert 'data-figure="confirmation"' in report.read_text()
 
     again = study_flow(study=cfg.with_overrides(study={"n_trials": 3}), return_state=True)  # resume: one more trial
     assert _task_states(again)["decode-images"] == "Cached"  # unchanged dataset, not decoded twice
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
+
+    images = next((tmp_path / "cache").glob("*/images.npy"))
+    images.write_bytes(images.read_bytes()[:100])  # a disk that filled up
+    healed = study_flow(study=cfg.with_overrides(study={"n_trials": 3}), report=False, return_state=True)
+    assert healed.is_completed() and _task_states(healed)["decode-images"] == "Completed"  # rebuilt, not "Cached"
 
 
 def _running_with_progress(storage: str, name: str):
@@ -99,7 +109,9 @@ def test_killed_worker_trial_is_detected_and_rerun(prefect_api, tmp_path, monkey
         worker.wait()
     time.sleep(3)  # let the heartbeat go stale (grace period = 2 x 1 s)
 
-    study = study_mod.run_study(tiny_config(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [6, 6]}))
+    study = study_mod.run_study(
+        tiny_config(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [6, 6]})
+    )
     trials = study.get_trials(deepcopy=False)
     killed = next(t for t in trials if t.number == victim.number)
     assert killed.state == TrialState.FAIL
@@ -132,6 +144,7 @@ def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch
     study = optuna.load_study(study_name=name, storage=url)
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 4
     assert logs.count("trial(s) to run") == 2  # both workers really joined the study
+    assert "Warning" not in logs  # a clean run prints no library warnings
     optuna.delete_study(study_name=name, storage=url)
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
+from sklearn import exceptions as skm_exceptions
 from sklearn import metrics as skm
 
+from transferstudy import metrics as metrics_module
 from transferstudy.metrics import (
     macro_f1,
     normalize_rows,
@@ -38,7 +41,9 @@ def test_scores_equal_sklearn(predictions):
     s = score(y_true, probs, C)
 
     assert s.accuracy == pytest.approx(skm.accuracy_score(y_true, y_pred))
-    assert s.weighted_f1 == pytest.approx(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0))
+    assert s.weighted_f1 == pytest.approx(
+        skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
+    )
     assert s.macro_f1 == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
     p, r, f, n = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     np.testing.assert_allclose(s.precision, p)
@@ -86,7 +91,9 @@ def test_scores_from_logits_equal_scores_from_probabilities(predictions):
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_top_k_equals_sklearn(predictions, k):
     y_true, probs = predictions
-    assert top_k_accuracy(probs, y_true, k) == pytest.approx(skm.top_k_accuracy_score(y_true, probs, k=k, labels=np.arange(C)))
+    assert top_k_accuracy(probs, y_true, k) == pytest.approx(
+        skm.top_k_accuracy_score(y_true, probs, k=k, labels=np.arange(C))
+    )
 
 
 def test_top_k_edge_cases():
@@ -96,6 +103,39 @@ def test_top_k_edge_cases():
     assert top_k_accuracy(probs, y, 2) == 0.5
     assert top_k_accuracy(probs, y, 10) == 1.0  # k larger than the class count
     assert math.isnan(top_k_accuracy(np.zeros((0, 3)), np.zeros(0, dtype=int), 5))
+
+
+@pytest.mark.parametrize(
+    "y_true, y_pred, num_classes",
+    [
+        ([1, 1, 1], [1, 1, 1], 3),  # a single label; two classes neither true nor predicted
+        ([0, 0, 1], [2, 2, 2], 3),  # nothing right; a predicted class that is never true
+        ([0, 0], [0, 0], 1),  # one class: scikit-learn's "single label" confusion-matrix warning
+    ],
+)
+def test_scores_of_a_thin_split_print_no_library_warning(y_true, y_pred, num_classes):
+    y_true, y_pred = np.array(y_true), np.array(y_pred)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score(y_true, np.eye(num_classes)[y_pred], num_classes)
+        macro_f1(y_true, y_pred, num_classes)
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+
+
+def test_sklearn_warnings_are_silenced_only_inside_the_metrics(monkeypatch):
+    # A scikit-learn version that warns where this one does not still prints nothing from
+    # score(), and the same warning raised outside it still shows: no global filter.
+    def warning_f1(*args, **kwargs):
+        warnings.warn("F-score is ill-defined", skm_exceptions.UndefinedMetricWarning, stacklevel=2)
+        return skm.f1_score(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "f1_score", warning_f1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score(np.array([0, 1]), np.eye(3)[[0, 2]], 3)
+        assert caught == []
+        warnings.warn("outside", skm_exceptions.UndefinedMetricWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["outside"]
 
 
 def test_empty_predictions_are_nan_not_errors():
@@ -112,12 +152,14 @@ def test_to_dict_is_json(predictions):
 
 def test_top_confused_pairs():
     names = ["a", "b", "c", "d"]
-    confusion = np.array([
-        [5, 3, 0, 0],
-        [1, 4, 6, 0],
-        [0, 3, 7, 0],
-        [0, 0, 0, 0],
-    ])
+    confusion = np.array(
+        [
+            [5, 3, 0, 0],
+            [1, 4, 6, 0],
+            [0, 3, 7, 0],
+            [0, 0, 0, 0],
+        ]
+    )
     pairs = top_confused_pairs(confusion, names)
     assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
         ("b", "c", 6),

@@ -22,7 +22,7 @@ from transferstudy.model import (
     trainable_parameter_names,
 )
 
-#: Torchvision module names that must be trainable at each unfreeze depth (DESIGN decision 1).
+#: Torchvision module names that must be trainable at each unfreeze depth (README, "Design decisions" 1).
 TRAINABLE_AT_DEPTH = {
     0: set(),
     1: {"layer4"},

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from transferstudy import images
-from transferstudy.datasets import DatasetError, read_manifest, scan_folders
-from transferstudy.datasets import prepare as prepare_module
+from transferstudy.datasets import DatasetError, hashes, read_manifest, scan_folders
 from transferstudy.datasets.open import open_dataset
 from transferstudy.datasets.prepare import prepare
 
@@ -60,11 +59,22 @@ def test_train_test_layout_and_outputs(tmp_path):
     assert result.n_hashed == result.n_decoded == 15
 
     manifest = pd.read_csv(result.manifest_path, dtype=str, keep_default_na=False)
-    assert list(manifest.columns) == ["path", "class", "label", "split", "width", "height", "bbox", "sha256", "size", "mtime_ns"]
+    assert list(manifest.columns) == [
+        "path",
+        "class",
+        "label",
+        "split",
+        "width",
+        "height",
+        "bbox",
+        "sha256",
+        "size",
+        "mtime_ns",
+    ]
     assert sorted(set(manifest["class"])) == CLASSES
     assert set(manifest["width"]) == {"24"} and set(manifest["height"]) == {"20"}
     first = Path(manifest["path"][0])
-    assert manifest["sha256"][0] == prepare_module.sha256_file(first) and len(manifest["sha256"][0]) == 64
+    assert manifest["sha256"][0] == hashes.sha256_file(first) and len(manifest["sha256"][0]) == 64
 
     summary = json.loads(result.summary_path.read_text(encoding="utf-8"))
     assert summary["images"] == 15 and summary["classes"] == 3
@@ -178,6 +188,18 @@ def test_class_without_usable_training_image(tmp_path):
     assert f"class {CLASSES[2]}" in set(found["file"]) and (found["problem"] == "empty file (0 bytes)").sum() == 3
 
 
+def test_a_single_class_is_refused_in_one_line_after_the_files_are_written(tmp_path):
+    src = write_folders(tmp_path / "one", classes=CLASSES[:1])
+    (src / "train" / CLASSES[0] / "zero.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError) as info:
+        run(src, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"only 1 class ({CLASSES[0]}) has usable training images") and "\n" not in message
+    found = pd.read_csv(tmp_path / "out" / "problems.csv", dtype=str)
+    assert list(found["problem"]) == ["empty file (0 bytes)"]  # checked file by file: the bad file, and only it
+    assert len(read_manifest(tmp_path / "out" / "manifest.csv").samples) == 5
+
+
 def test_nothing_decodes(tmp_path):
     (tmp_path / "pool" / "a").mkdir(parents=True)
     (tmp_path / "pool" / "a" / "x.jpg").write_text("no")
@@ -215,7 +237,7 @@ def test_a_file_is_not_a_dataset(tmp_path):
 
 
 def test_hand_written_manifest(tmp_path):
-    for i, name in enumerate(["b", "a", "2012"]):
+    for i in range(3):
         write_image(tmp_path / "imgs" / f"{i}.png", i, fmt="PNG")
     (tmp_path / "m.csv").write_text("path,class,bbox\nimgs/0.png,b,\nimgs/1.png,a,1 2 10 12\nimgs/2.png,2012,\n")
     index = open_dataset(tmp_path / "m.csv")
@@ -242,7 +264,7 @@ def test_second_prepare_does_no_work_and_a_changed_file_is_picked_up(tmp_path, m
         raise AssertionError("unchanged files must not be read again")
 
     with monkeypatch.context() as m:
-        m.setattr(prepare_module, "sha256_file", forbidden)
+        m.setattr(hashes, "sha256_file", forbidden)
         m.setattr(images.cache, "decode_image", forbidden)
         second = run(src, tmp_path / "out")
     assert (second.n_hashed, second.n_decoded) == (0, 0)
@@ -256,7 +278,7 @@ def test_second_prepare_does_no_work_and_a_changed_file_is_picked_up(tmp_path, m
     third = run(src, tmp_path / "out")
     assert (third.n_hashed, third.n_decoded) == (2, 2)
     rows = pd.read_csv(third.manifest_path, dtype=str).set_index("path")
-    assert rows.loc[str(changed.absolute()), "sha256"] == prepare_module.sha256_file(changed)
+    assert rows.loc[str(changed.absolute()), "sha256"] == hashes.sha256_file(changed)
     assert rows.loc[str(changed.absolute()), "width"] == "30"
     assert str((src / "test" / CLASSES[2] / "new.jpg").absolute()) in rows.index
     assert len(rows) == 16
@@ -264,15 +286,12 @@ def test_second_prepare_does_no_work_and_a_changed_file_is_picked_up(tmp_path, m
 
 
 def test_cli_wrong_source_or_format_is_one_line(tmp_path):
-    import subprocess
-    import sys
+    from helpers import run_cli
 
-    root = Path(__file__).resolve().parents[1]
+    from flows.prepare import main
+
     for args in (["--source", str(tmp_path / "missing")], ["--source", str(tmp_path), "--format", "stanford-devkit"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "flows.prepare", *args, "--dest", str(tmp_path / "out")],
-            cwd=root, capture_output=True, text=True, timeout=120,
-        )
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        code, _, err = run_cli(main, [*args, "--dest", str(tmp_path / "out")])
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err

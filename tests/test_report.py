@@ -35,9 +35,28 @@ from transferstudy.metrics import score, top_confused_pairs
 from transferstudy.report import findings, html, sections
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION_IDS = ("header", "findings", "best-trials", "holdout", "curves", "effects", "optuna", "misclassified")
-FIGURES = ("confusion", "per-class-f1", "learning-curves", "effects", "optimization-history", "param-importances",
-           "parallel-coordinates", "slice")
+SECTION_IDS = (
+    "header",
+    "findings",
+    "confirmation",
+    "model-card",
+    "best-trials",
+    "holdout",
+    "curves",
+    "effects",
+    "optuna",
+    "misclassified",
+)
+FIGURES = (
+    "confusion",
+    "per-class-f1",
+    "learning-curves",
+    "effects",
+    "optimization-history",
+    "param-importances",
+    "parallel-coordinates",
+    "slice",
+)
 #: Largest report we are happy to mail (plotly.js alone is about 4.8 MB).
 MAX_REPORT_BYTES = 8_000_000
 
@@ -94,15 +113,25 @@ DISTRIBUTIONS = {
 
 
 def synthetic_config(root: Path, name: str, url: str) -> dict:
-    return from_dict({
-        "study": {"name": name, "storage": url, "n_trials": 40, "output_dir": str(root), "report_top_k": 5},
-        "data": {"path": "/data/stanford-cars", "cache_dir": str(root / "cache")},
-        "train": {"weights": "imagenet"},
-        "search": {"unfreeze_depth": [0, 1, 2, 3, 4, 5], "lr": [1e-4, 1e-2], "epochs": [2, 10], "train_ratio": [0.5, 0.9]},
-    }, source="studies/stanford_cars.toml").to_dict()
+    return from_dict(
+        {
+            "study": {"name": name, "storage": url, "n_trials": 40, "output_dir": str(root), "report_top_k": 5},
+            "data": {"path": "/data/stanford-cars", "cache_dir": str(root / "cache")},
+            "train": {"weights": "imagenet"},
+            "search": {
+                "unfreeze_depth": [0, 1, 2, 3, 4, 5],
+                "lr": [1e-4, 1e-2],
+                "epochs": [2, 10],
+                "train_ratio": [0.5, 0.9],
+            },
+        },
+        source="studies/stanford_cars.toml",
+    ).to_dict()
 
 
-def synthetic_trial(number: int, rng: np.random.Generator, state: TrialState, start: datetime) -> optuna.trial.FrozenTrial:
+def synthetic_trial(
+    number: int, rng: np.random.Generator, state: TrialState, start: datetime
+) -> optuna.trial.FrozenTrial:
     """One trial with user attrs shaped like ``study.Objective`` writes them."""
     params = {
         "unfreeze_depth": int(rng.integers(0, 6)),
@@ -110,30 +139,54 @@ def synthetic_trial(number: int, rng: np.random.Generator, state: TrialState, st
         "epochs": int(rng.integers(2, 11)),
         "train_ratio": float(rng.uniform(0.5, 0.9)),
     }
-    final = 0.55 + DEPTH_GAIN[params["unfreeze_depth"]] + 0.2 * (params["train_ratio"] - 0.5) - 0.04 * abs(math.log10(params["lr"]) + 3)
+    final = (
+        0.55
+        + DEPTH_GAIN[params["unfreeze_depth"]]
+        + 0.2 * (params["train_ratio"] - 0.5)
+        - 0.04 * abs(math.log10(params["lr"]) + 3)
+    )
     final += float(rng.normal(0, 0.01))
     run = params["epochs"] if state == TrialState.COMPLETE else int(rng.integers(1, params["epochs"]))
     per_epoch = 20.0 + 12.0 * params["unfreeze_depth"]
-    history = [{
-        "epoch": e, "train_loss": 5.0 * math.exp(-0.4 * e), "train_acc": final * e / params["epochs"],
-        "val_loss": 4.0 * math.exp(-0.3 * e), "val_acc": final * (1 - 0.5 ** e) / (1 - 0.5 ** params["epochs"]),
-        "val_f1": 0.97 * final * (1 - 0.5 ** e), "lr": params["lr"] * (1 - e / (params["epochs"] + 1)),
-        "seconds": per_epoch, "images_per_s": 6500 / per_epoch * 10,
-    } for e in range(1, run + 1)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 5.0 * math.exp(-0.4 * e),
+            "train_acc": final * e / params["epochs"],
+            "val_loss": 4.0 * math.exp(-0.3 * e),
+            "val_acc": final * (1 - 0.5**e) / (1 - 0.5 ** params["epochs"]),
+            "val_f1": 0.97 * final * (1 - 0.5**e),
+            "lr": params["lr"] * (1 - e / (params["epochs"] + 1)),
+            "seconds": per_epoch,
+            "images_per_s": 6500 / per_epoch * 10,
+        }
+        for e in range(1, run + 1)
+    ]
     pool = 8144
     train = round(pool * params["train_ratio"])
     attrs = {
-        "device": "cuda:0 (NVIDIA H200)", "weights": "imagenet", "history": history,
-        "split_sizes": {"train": train, "val": pool - train, "holdout": 8041}, "train_seconds": per_epoch * run,
+        "device": "cuda:0 (NVIDIA H200)",
+        "weights": "imagenet",
+        "history": history,
+        "split_sizes": {"train": train, "val": pool - train, "holdout": 8041},
+        "train_seconds": per_epoch * run,
     }
     if state == TrialState.COMPLETE:
-        attrs.update(val_accuracy=history[-1]["val_acc"], val_macro_f1=history[-1]["val_f1"],
-                     images_per_s=6500 / per_epoch * 10, best_epoch=run, checkpoint=f"/tmp/ck/trial_{number:04d}.pt")
+        attrs.update(
+            val_accuracy=history[-1]["val_acc"],
+            val_macro_f1=history[-1]["val_f1"],
+            images_per_s=6500 / per_epoch * 10,
+            best_epoch=run,
+            checkpoint=f"/tmp/ck/trial_{number:04d}.pt",
+        )
     if state == TrialState.FAIL:
         attrs["error"] = "OutOfMemoryError: CUDA out of memory"
     trial = optuna.trial.create_trial(
-        state=state, value=history[-1]["val_acc"] if state == TrialState.COMPLETE else None, params=params,
-        distributions=DISTRIBUTIONS, user_attrs=attrs,
+        state=state,
+        value=history[-1]["val_acc"] if state == TrialState.COMPLETE else None,
+        params=params,
+        distributions=DISTRIBUTIONS,
+        user_attrs=attrs,
         intermediate_values={h["epoch"]: h["val_acc"] for h in history},
     )
     trial.datetime_start = start
@@ -153,7 +206,9 @@ def synthetic_holdout(best: int, names: list[str], rng: np.random.Generator) -> 
     scores = score(y, probs, n)
     bad = np.flatnonzero(pred != y)
     return {
-        "trial": best, "rank": 0, **scores.to_dict(),
+        "trial": best,
+        "rank": 0,
+        **scores.to_dict(),
         "confused_pairs": top_confused_pairs(scores.confusion, names, 20),
         "misclassified": [{"row": int(i % 60), "true": int(y[i]), "pred": int(pred[i]), "p": 0.9} for i in bad[:200]],
     }
@@ -164,10 +219,14 @@ def write_fake_cache(folder: Path, rows: int = 60, size: int = 224) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
     np.save(folder / "images.npy", rng.integers(0, 256, size=(rows, size, size, 3), dtype=np.uint8))
-    (folder / "meta.json").write_text(json.dumps({"paths": [f"/data/stanford-cars/cars_test/{i:05d}.jpg" for i in range(rows)]}))
+    (folder / "meta.json").write_text(
+        json.dumps({"paths": [f"/data/stanford-cars/cars_test/{i:05d}.jpg" for i in range(rows)]})
+    )
 
 
-def build_synthetic_study(root: Path, num_classes: int = 196, n_trials: int = 40, name: str = "cars196") -> tuple[str, str]:
+def build_synthetic_study(
+    root: Path, num_classes: int = 196, n_trials: int = 40, name: str = "cars196"
+) -> tuple[str, str]:
     """A study as a long Stanford Cars run would leave it: complete, pruned and failed trials; once per root."""
     url = f"sqlite:///{root}/optuna.db"
     if (root / "DONE").is_file():
@@ -188,19 +247,30 @@ def build_synthetic_study(root: Path, num_classes: int = 196, n_trials: int = 40
     attrs = {
         "config": synthetic_config(root, name, url),
         "dataset": {
-            "path": "/data/stanford-cars", "source": "stanford-devkit", "num_classes": num_classes, "class_names": names,
-            "num_images": 16185, "pool_images": 8144, "holdout_images": 8041,
+            "path": "/data/stanford-cars",
+            "source": "stanford-devkit",
+            "num_classes": num_classes,
+            "class_names": names,
+            "num_images": 16185,
+            "pool_images": 8144,
+            "holdout_images": 8041,
             "holdout_protocol": "the dataset's own test/ folder is the fixed holdout (published-benchmark protocol)",
-            "image_size": 224, "fingerprint": cache.name, "cache_dir": str(cache),
-            "problems": [["/data/stanford-cars/cars_train/07389.jpg", "not an image (format not recognised)"],
-                         ["/data/stanford-cars/cars_train/08144.jpg", "empty file (0 bytes)"]],
+            "image_size": 224,
+            "fingerprint": cache.name,
+            "cache_dir": str(cache),
+            "problems": [
+                ["/data/stanford-cars/cars_train/07389.jpg", "not an image (format not recognised)"],
+                ["/data/stanford-cars/cars_train/08144.jpg", "empty file (0 bytes)"],
+            ],
             "warnings": [f"classes with a single training image (absent from validation): {names[5]}"],
         },
         "command": "python -m flows.study --config studies/stanford_cars.toml --study-name cars196 --storage " + url,
         "runs": [{"started": "2025-03-01T09:00:00+0000", "device": "cuda:0 (NVIDIA H200)", "argv": ["flows/study.py"]}],
         "weights": {"requested": "imagenet", "used": "imagenet", "warning": None},
         "holdout": synthetic_holdout(complete[0].number, names, rng),
-        "holdout_top": {str(t.number): {"accuracy": 0.8, "top5": 0.95, "macro_f1": 0.79, "weighted_f1": 0.8} for t in complete[:5]},
+        "holdout_top": {
+            str(t.number): {"accuracy": 0.8, "top5": 0.95, "macro_f1": 0.79, "weighted_f1": 0.8} for t in complete[:5]
+        },
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)
@@ -256,7 +326,14 @@ def test_tiny_study_report_has_every_section_and_plot(tiny_study):
     assert best.count("<tr>") == 1 + 3 and "holdout top-5" in best and 'class="sortable"' in best
     assert "data:image/png;base64," in section_text(page, "misclassified")
     findings = section_text(page, "findings")
-    for topic in ("Best setting", "Unfreeze depth", "Training data", "Learning rate", "Epochs", "Pruning: no trial was pruned"):
+    for topic in (
+        "Best setting",
+        "Unfreeze depth",
+        "Training data",
+        "Learning rate",
+        "Epochs",
+        "Pruning: no trial was pruned",
+    ):
         assert topic in findings
 
 
@@ -283,24 +360,22 @@ def test_196_class_report_is_readable_and_small(cars_study, tmp_path):
 def test_findings_are_computed_from_the_trials(cars_study):
     url, name, _ = cars_study
     data = report.load_data(report.open_study(url, name))
-    best = {}
-    for t in data.complete:
-        best[t.params["unfreeze_depth"]] = max(best.get(t.params["unfreeze_depth"], 0), t.value)
-    (d1, v1), (d2, v2) = sorted(best.items(), key=lambda kv: -kv[1])[:2]
-    assert f"depth <b>{d1}</b> did best" in findings.depth_finding(data)
-    assert f"{v1 - v2:+.4f}" in findings.depth_finding(data) and f"runner-up depth {d2}" in findings.depth_finding(data)
-    # The synthetic objective grows with train_ratio: the fitted slope must say so.
-    assert "more training data <b>helped</b>" in findings.data_finding(data)
+    # No confirmation runs: the search's best trial per depth is one selected run, so no depth is named.
+    depth = findings.depth_finding(data)
+    assert "<b>no evidence</b>" in depth and "No depth is named" in depth
+    # The synthetic objective grows with train_ratio (+2 points per +0.1): the regression, adjusted
+    # for the other searched dimensions, must say so with its interval and n.
+    ratio = findings.data_finding(data)
+    assert "more training data <b>helped</b>" in ratio and "95% CI" in ratio and f"n={len(data.complete)}" in ratio
+    assert "each on its own validation split" in ratio  # these trials record no common-subset score
     pruned = data.of_state(TrialState.PRUNED)
-    saved = sum((t.params["epochs"] - len(t.user_attrs["history"])) * t.user_attrs["history"][0]["seconds"] for t in pruned)
-    assert f"{len(pruned)} pruned trial(s) saved an estimated <b>{html.fmt_duration(saved)}</b>" in findings.pruning_finding(data)
-
-
-def test_least_squares_slope_and_r2():
-    x = np.array([0.5, 0.6, 0.7, 0.8])
-    slope, intercept, r2 = findings.least_squares(x, 2.0 * x + 1.0)
-    assert slope == pytest.approx(2.0) and intercept == pytest.approx(1.0) and r2 == pytest.approx(1.0)
-    assert findings.least_squares(np.array([0.5, 0.5, 0.5]), np.array([1.0, 2.0, 3.0])) is None
+    saved = sum(
+        (t.params["epochs"] - len(t.user_attrs["history"])) * t.user_attrs["history"][0]["seconds"] for t in pruned
+    )
+    assert (
+        f"{len(pruned)} pruned trial(s) saved an estimated <b>{html.fmt_duration(saved)}</b>"
+        in findings.pruning_finding(data)
+    )
 
 
 def test_thin_study_gets_notes_instead_of_plots(tmp_path):
@@ -314,6 +389,26 @@ def test_thin_study_gets_notes_instead_of_plots(tmp_path):
     assert "No holdout scores stored" in section_text(page, "holdout")
     assert "No holdout scores stored" in section_text(page, "misclassified")
     assert "param-importances" not in figures_in(page)
+
+
+def test_header_names_classes_a_drawn_holdout_has_no_image_of(tmp_path, make_dataset):
+    # class_2 keeps 2 images: a 20% draw gives the holdout round(0.4) = 0 of them (the pool keeps
+    # at least one of each class), so the report has no holdout score for it and must say so.
+    from transferstudy import study as study_mod
+
+    root = make_dataset("pool", num_classes=3, per_class=10, test_per_class=None)
+    for extra in sorted((root / "class_2").iterdir())[2:]:
+        extra.unlink()
+    cfg = tiny_config(tmp_path, data={"path": str(root), "holdout_fraction": 0.2})
+    summary = study_mod.decode_dataset(cfg, show_progress=False).summary(cfg)
+    note = "classes absent from the holdout (too few images for a 20% draw): class_2"
+    assert note in summary["warnings"]
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="small-class", storage=url, direction="maximize")
+    study.add_trial(synthetic_trial(0, np.random.default_rng(0), TrialState.COMPLETE, datetime(2025, 1, 1)))
+    study.set_user_attr("dataset", summary)
+    page = report.build_report(url, "small-class", out=tmp_path / "r.html").read_text()
+    assert html.esc(note) in section_text(page, "header")
 
 
 def test_missing_cache_leaves_a_note(cars_study, tmp_path):
@@ -336,17 +431,23 @@ def test_unknown_study_and_missing_storage_are_clear_errors(cars_study, tmp_path
 
 
 @pytest.mark.slow
-def test_flow_cli_rebuilds_the_report_from_storage(tiny_study, tmp_path):
+def test_flow_cli_rebuilds_the_report_from_storage(tiny_study, prefect_server, tmp_path):
     url, name, _ = tiny_study
     out = tmp_path / "rebuilt" / "report.html"
     env = {
-        **os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": prefect_server,
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run(
         [sys.executable, "-m", "flows.report", "--study", name, "--storage", url, "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(out)
@@ -355,8 +456,10 @@ def test_flow_cli_rebuilds_the_report_from_storage(tiny_study, tmp_path):
 
 
 def test_flow_cli_reports_a_missing_study_in_one_line(tiny_study, tmp_path):
+    from helpers import run_cli
+
+    from flows.report import main
+
     url, _, _ = tiny_study
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]), "PREFECT_HOME": str(tmp_path / "prefect")}
-    done = subprocess.run([sys.executable, "-m", "flows.report", "--study", "nope", "--storage", url],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.strip().startswith("error: no study 'nope'")
+    code, _, err = run_cli(main, ["--study", "nope", "--storage", url])
+    assert code == 2 and err.strip().startswith("error: no study 'nope'") and err.count("\n") == 1

@@ -43,13 +43,24 @@ def chromium(page: Path, *args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:
         return subprocess.run(
             [
-                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={profile}", "--virtual-time-budget=10000",
-                "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
-                *args, page.resolve().as_uri(),
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=10000",
+                "--host-resolver-rules=MAP * ~NOTFOUND",
+                "--proxy-server=http://127.0.0.1:9",
+                *args,
+                page.resolve().as_uri(),
             ],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
 
@@ -100,7 +111,9 @@ def test_error_hook_catches_script_errors(tmp_path):
 
 
 def test_tables_sort_when_a_header_is_clicked(tmp_path):
-    rows = [[html.cell(name), html.cell(value, f"{value:.1%}")] for name, value in (("b", 0.5), ("a", 0.05), ("c", 0.25))]
+    rows = [
+        [html.cell(name), html.cell(value, f"{value:.1%}")] for name, value in (("b", 0.5), ("a", 0.05), ("c", 0.25))
+    ]
     page = tmp_path / "sort.html"
     page.write_text(
         f"<html><body>{html.table(['class', 'share'], rows)}<script>{SORT_JS}</script>"

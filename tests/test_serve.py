@@ -3,15 +3,13 @@ server, and optuna-dashboard reading our storage."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
+from helpers import free_port, stop, tiny_config, tiny_raw, wait_http, write_toml
 
 from transferstudy import study as study_mod
 
@@ -19,58 +17,65 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> bytes:
-    # A private opener without proxies: urllib's global one keeps whatever proxy settings the
-    # first download of the process saw (an offline test sets a dead one on purpose).
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            with opener.open(url, timeout=2) as r:
-                return r.read()
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {seconds} s")
-
-
-def _stop(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-def test_served_deployment_has_its_cron_schedule(tmp_path):
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+def test_served_deployment_carries_the_study_and_logs_the_engine(prefect_server, tmp_path):
+    """A served deployment: its schedule, the whole study configuration as its parameter (a
+    form in the UI; no study file needed where it runs), and a run started from the server
+    (a UI Quick run) whose flow-run logs hold the engine's progress lines."""
+    api = prefect_server
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
+    toml = write_toml(tmp_path / "tiny.toml", tiny_raw(tmp_path, study={"n_trials": 1}, search={"epochs": [1, 1]}))
     served = None
     try:
-        _wait_http(f"{api}/health", server, 180)
         served = subprocess.Popen(
-            [sys.executable, "-m", "flows.study", "--serve", "--cron", "0 3 * * *", "--name", "nightly"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "flows.study",
+                "--config",
+                str(toml),
+                "--serve",
+                "--cron",
+                "0 3 * * *",
+                "--name",
+                "nightly",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deployment = _wait_for_deployment(api, "nightly", served)
-        crons = [s.schedule.cron for s in deployment.schedules]
-        assert crons == ["0 3 * * *"]
-        assert deployment.parameters["config"].endswith("demo.toml")
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+        study = deployment.parameters["study"]
+        assert study["study"]["name"] == "tiny" and study["search"]["space"]["epochs"] == [1, 1]
+        schema = json.dumps(deployment.parameter_openapi_schema)
+        assert '"n_trials"' in schema and '"minimum": 1' in schema and '"unfreeze_depth"' in schema  # a validated form
+        toml.unlink()  # the run below needs no study file
+        logs = _quick_run_logs(api, deployment.id, served)
+        assert any(line.startswith("trial 0 [1/1 finished]") for line in logs), logs
+        assert any(line.startswith("report of study 'tiny' written to") for line in logs), logs
     finally:
-        _stop(*(p for p in (served, server) if p is not None))
+        if served is not None:
+            stop(served)
+
+
+def _quick_run_logs(api: str, deployment_id, proc: subprocess.Popen, seconds: float = 300) -> list[str]:
+    """Start a run of the deployment through the server (what the UI's Quick run does), wait
+    for it to finish, and return its flow-run log messages from the server's logs API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.time() + seconds
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id)
+        while not (state := client.read_flow_run(run.id).state).is_final():
+            assert proc.poll() is None, "the serve process exited"
+            assert time.time() < deadline, f"the run did not finish within {seconds} s ({state.name})"
+            time.sleep(1)
+        assert state.is_completed(), state
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200)
+    return [entry.message for entry in logs]
 
 
 def _wait_for_deployment(api: str, name: str, proc: subprocess.Popen, seconds: float = 120):
@@ -93,14 +98,22 @@ def test_dashboard_lists_the_study(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path, study={"n_trials": 1}, search={"epochs": [1, 1]})
     study_mod.run_study(cfg)
-    port = _free_port()
+    port = free_port()
     dashboard = subprocess.Popen(
-        [str(Path(sys.executable).parent / "optuna-dashboard"), cfg.study.storage, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).parent / "optuna-dashboard"),
+            cfg.study.storage,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        body = _wait_http(f"http://127.0.0.1:{port}/api/studies", dashboard, 60)
+        body = wait_http(f"http://127.0.0.1:{port}/api/studies", dashboard, 60)
         names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
         assert names == ["tiny"]
     finally:
-        _stop(dashboard)
+        stop(dashboard)

@@ -64,8 +64,10 @@ def write_devkit(root: Path, test_annos_in_devkit: bool = False) -> Path:
             if s == split:
                 _car(root / f"cars_{split}" / fname, size, box)
                 rows.append((*box, cls, fname))
-        annos = root / "devkit" / "cars_train_annos.mat" if split == "train" else (
-            root / ("devkit" if test_annos_in_devkit else "") / "cars_test_annos_withlabels.mat"
+        annos = (
+            root / "devkit" / "cars_train_annos.mat"
+            if split == "train"
+            else (root / ("devkit" if test_annos_in_devkit else "") / "cars_test_annos_withlabels.mat")
         )
         scipy.io.savemat(annos, {"annotations": _annotations(rows)})
     return root
@@ -157,7 +159,10 @@ def test_symlinked_image_works_and_broken_link_is_reported(devkit, tmp_path):
         (lambda d: (d / "devkit" / "cars_train_annos.mat").unlink(), "cars_train_annos.mat not found"),
         (lambda d: (d / "devkit" / "cars_meta.mat").write_bytes(b"garbage"), "cannot be read as a MATLAB file"),
         (lambda d: scipy.io.savemat(d / "devkit" / "cars_meta.mat", {"names": [1]}), "no 'class_names' variable"),
-        (lambda d: [p.unlink() for p in (d / "cars_train").iterdir()] and (d / "cars_train").rmdir(), "image folder not found"),
+        (
+            lambda d: [p.unlink() for p in (d / "cars_train").iterdir()] and (d / "cars_train").rmdir(),
+            "image folder not found",
+        ),
     ],
 )
 def test_broken_devkit_gives_one_line_error(devkit, damage, message):

@@ -39,14 +39,19 @@ def small(split_dataset, cache_dir):
 
 
 def test_fit_learns_a_tiny_dataset(tmp_path, cpu):
-    # 4 colour classes x 20 images at 16 px; the whole network trains from random init.
+    # 4 colour classes x 20 images at 16 px; a new head learns them on a frozen random backbone.
+    # Head-only training is logistic regression on fixed features: a convex problem that carries
+    # a CPU's rounding (~1e-7) through its epochs unchanged, so these thresholds hold on every CPU
+    # by wide margins. Whole-network training from random init on 8-image batches would not do:
+    # it amplifies that rounding into percent-level differences in loss within one epoch.
+    # (That every trainable stage updates is test_model's test_training_step_only_touches_trainable_stages.)
     root = write_class_folders(tmp_path / "colours", num_classes=4, per_class=20, test_per_class=None, size=16, seed=0)
     cache, data = _data(root, tmp_path / "cache")
     splits = make_splits(cache, 0.7, 0.0, split_seed=0)
     assert splits.sizes() == {"train": 56, "val": 24, "holdout": 0}
     torch.manual_seed(0)
-    model, _ = build_model(4, weights="none", unfreeze_depth=5)
-    settings = TrainSection(epochs=8, lr=3e-3, batch_size=8, backbone_lr_mult=1.0, train_seed=0, augment=False)
+    model, _ = build_model(4, weights="none", unfreeze_depth=0)
+    settings = TrainSection(epochs=8, lr=3e-3, batch_size=8, train_seed=0, augment=False)
 
     result = fit(model, data, splits.train, splits.val, settings, cpu)
 
@@ -92,7 +97,9 @@ def test_fit_is_reproducible_for_a_seed(small, cpu):
 def test_fit_keeps_frozen_stages_untouched(small, cpu):
     _, data, splits = small
     model, _ = build_model(3, weights="none", unfreeze_depth=2)
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("stages.0.", "stages.1.", "stages.2."))}
+    frozen = {
+        k: v.clone() for k, v in model.state_dict().items() if k.startswith(("stages.0.", "stages.1.", "stages.2."))
+    }
     trainable = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("stages.3.")}
     fit(model, data, splits.train, splits.val, TrainSection(epochs=1, lr=1e-2, batch_size=4, weight_decay=0.5), cpu)
     state = model.state_dict()
@@ -110,7 +117,9 @@ def test_on_epoch_end_sees_every_epoch_and_can_stop(small, cpu):
         seen.append(record)
         return record.epoch == 2
 
-    result = fit(model, data, splits.train, splits.val, TrainSection(epochs=5, lr=1e-3, batch_size=4), cpu, stop_after_two)
+    result = fit(
+        model, data, splits.train, splits.val, TrainSection(epochs=5, lr=1e-3, batch_size=4), cpu, stop_after_two
+    )
     assert [r.epoch for r in seen] == [1, 2]
     assert result.history == seen and result.stopped_early
     assert "val_acc" in seen[0].log_line() and "train_loss" in seen[0].log_line()

@@ -1,7 +1,7 @@
 """The study configuration: one typed model, from the TOML file to the Prefect UI.
 
-A study file (``studies/*.toml``) has four tables, ``[study]``, ``[data]``, ``[train]`` and
-``[search]``; every key is optional and documented below where it is defined (units, range,
+A study file (``studies/*.toml``) has six tables, ``[study]``, ``[data]``, ``[train]``,
+``[search]``, ``[confirm]`` and ``[refit]``; every key is optional and documented below where it is defined (units, range,
 default). The same model is:
 
 * the schema of the study file: unknown keys and out-of-range values are rejected with one
@@ -48,7 +48,7 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 WEIGHT_CHOICES = ("imagenet", "none", "auto")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # or cuda:N
 #: Study-file tables, in file order.
-TABLES = ("study", "data", "train", "search")
+TABLES = ("study", "data", "train", "search", "confirm", "refit")
 
 
 class ConfigError(ValueError):
@@ -79,8 +79,21 @@ class StudySection(_Section):
     objective: Objective = Field("val_accuracy", description="validation metric to maximise")
     sampler: Sampler = Field("tpe", description="tpe (seeded, multivariate) or random")
     sampler_seed: int = Field(0, description="seed of the sampler (Optuna's randomness)")
-    pruner: Pruner = Field("median", description="early stop of poor trials per epoch")
-    pruner_warmup_epochs: int = Field(1, ge=0, description="median pruner: never prune before this many epochs")
+    pruner: Pruner = Field(
+        "median",
+        description="early stop of poor trials, compared at equal progress of their own schedules (README, Pruning)",
+    )
+    pruner_warmup_epochs: int = Field(
+        1,
+        ge=0,
+        description="median pruner: never prune before this much progress, in epochs of the longest schedule (>= 0)",
+    )
+    min_trials_per_depth: int = Field(
+        1,
+        ge=0,
+        description="starting design: trials per searched unfreeze depth run first, never pruned, and counted in "
+        "n_trials, so every depth gets an answer; 0 = off",
+    )
     keep_checkpoints: KeepCheckpoints = Field(
         "best", description="trained models kept on disk: best, all, or none (then no holdout scores)"
     )
@@ -107,9 +120,7 @@ class DataSection(_Section):
     )
     format: Format = Field("auto", description="how to read path")
     image_size: int = Field(224, ge=16, le=1024, description="training resolution in pixels (16..1024)")
-    resize_mode: ResizeMode = Field(
-        "center_crop", description="center_crop (shorter side, then centre) or stretch"
-    )
+    resize_mode: ResizeMode = Field("center_crop", description="center_crop (shorter side, then centre) or stretch")
     holdout_fraction: float = Field(
         0.2, ge=0.0, le=0.95, description="share drawn as holdout when the dataset has no test/ folder (0 <= f < 1)"
     )
@@ -123,35 +134,67 @@ class TrainSection(_Section):
     appear here; each trial gets a copy with its searched values, see ``with_params``)."""
 
     weights: str = Field("auto", description="imagenet | none | auto | path to a local ResNet-50 state_dict")
-    unfreeze_depth: int = Field(0, ge=0, le=5, description="trainable stages from the top, 0 (head only) .. 5 (everything)")
+    unfreeze_depth: int = Field(
+        0, ge=0, le=5, description="trainable stages from the top, 0 (head only) .. 5 (everything)"
+    )
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate of the head (> 0)")
     epochs: int = Field(5, ge=1, description="passes over the training split (>= 1)")
     train_ratio: float = Field(
-        0.8, gt=0.0, le=0.99, description="share of the non-holdout pool used for training, the rest validates (0 < r < 1)"
+        0.8,
+        gt=0.0,
+        le=0.99,
+        description="share of the non-holdout pool used for training, the rest validates (0 < r < 1)",
     )
     batch_size: int = Field(64, ge=2, description="images per optimiser step (>= 2)")
     optimizer: Optimizer = Field("adamw", description="adamw or sgd (Nesterov momentum)")
     momentum: float = Field(0.9, ge=0.0, le=1.0, description="SGD momentum (0..1)")
     weight_decay: float = Field(1e-4, ge=0.0, description="decoupled weight decay (>= 0)")
-    backbone_lr_mult: float = Field(0.1, gt=0.0, le=1.0, description="backbone lr = lr x this (0..1]")
+    backbone_lr_mult: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="backbone lr = lr x this (0..1]; unset: 0.1 for a pretrained backbone, 1.0 for a randomly "
+        "initialised one",
+    )
     label_smoothing: float = Field(0.0, ge=0.0, le=0.99, description="cross-entropy label smoothing (0..1)")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up before the cosine decay, in epochs (>= 0)")
-    augment: bool = Field(True, description="random-resized crop + horizontal flip on the device while training")
+    augment: bool = Field(
+        True,
+        description="train on feature_views views of each image (centre, mirror, random-resized crops); false = the centre view only",
+    )
     crop_scale_min: float = Field(
         0.35, gt=0.0, le=1.0, description="smallest random-crop area, as a share of the image (0..1]"
     )
-    train_seed: int = Field(0, description="seed of head init, batch order and augmentation")
+    train_seed: int = Field(0, description="seed of head init, batch order and (the study's) crop views")
     eval_batch_size: int = Field(256, ge=1, description="images per forward pass when evaluating (>= 1)")
     autocast: bool = Field(True, description="bf16 autocast on CUDA (no effect on the CPU)")
     compile: bool = Field(
         False, description="torch.compile the trainable stages (one-off compile per trial; for long GPU trials)"
     )
     feature_views: int = Field(
-        4, ge=0, le=64, description="views per image in the frozen-activation cache (centre, mirror, crops); 0 = no cache"
+        4,
+        ge=1,
+        le=64,
+        description="the training regime: V fixed views per image (centre, mirror, seeded crops), epoch e "
+        "trains on view (e-1) mod V, with or without the frozen-activation cache; 1..64 (1 when augment = false)",
     )
     feature_memory_fraction: float = Field(
-        0.5, ge=0.0, le=0.95, description="largest share of free GPU (or host) memory the frozen-activation cache may take"
+        0.5,
+        ge=0.0,
+        le=0.95,
+        description="largest share of free GPU (or host) memory the frozen-activation cache may take; "
+        "0 = no cache (same training, frozen stages run every step)",
     )
+
+    @field_validator("feature_views", mode="before")
+    @classmethod
+    def _feature_views(cls, views: Any) -> Any:
+        if views == 0:
+            raise ValueError(
+                "is the number of training views per image (>= 1); to run without the frozen-activation "
+                "cache set feature_memory_fraction = 0"
+            )
+        return views
 
     @field_validator("weights")
     @classmethod
@@ -163,6 +206,77 @@ class TrainSection(_Section):
     def with_params(self, params: dict[str, Any]) -> TrainSection:
         """A copy with one trial's searched values (validated like the file's)."""
         return TrainSection.model_validate({**self.model_dump(), **params})
+
+    def for_backbone(self, pretrained: bool) -> TrainSection:
+        """A copy whose unset keys take their default for this backbone (``BACKBONE_DEFAULTS``)."""
+        unset = {
+            k: pair[0] if pretrained else pair[1] for k, pair in BACKBONE_DEFAULTS.items() if getattr(self, k) is None
+        }
+        return self.model_copy(update=unset) if unset else self
+
+
+#: ``[train]`` keys whose default depends on the backbone: key -> (pretrained, randomly initialised).
+#: A pretrained backbone needs a gentler lr than its new head; a random one must learn as fast as
+#: the head. The other defaults suit both (warm-up, weight decay and crops are no ImageNet
+#: specifics); an explicit value in the study file is always kept.
+BACKBONE_DEFAULTS: dict[str, tuple[float, float]] = {"backbone_lr_mult": (0.1, 1.0)}
+
+
+Tta = Literal["none", "flip"]
+
+
+class RefitSection(_Section):
+    """``[refit]``: the model a study ends with, trained once more on the whole pool (train +
+    validation) with the chosen configuration, scored on the holdout and exported."""
+
+    enabled: bool = Field(
+        True, description="refit the chosen configuration on the whole non-holdout pool and export it"
+    )
+    seed: int = Field(0, description="train seed of the refit (head init, batch order, augmentation)")
+    tta: Tta = Field(
+        "none", description="test-time augmentation of the holdout score: none, or flip (mean of image and mirror)"
+    )
+
+
+class ConfirmSection(_Section):
+    """``[confirm]``: the confirmation stage after the search (``study.confirm``). The best setting
+    of each depth is trained again with several seeds at one common train_ratio (the largest
+    searched), so the answer to "which depth?" carries n and an interval instead of resting on
+    the luckiest single trial."""
+
+    enabled: bool = Field(
+        True, description="retrain the best setting of each depth with several seeds after the search"
+    )
+    seeds: int = Field(
+        3,
+        ge=1,
+        le=50,
+        description="runs per depth (train seeds train_seed + 1 .. + seeds: none repeats a search run; 1..50)",
+    )
+    depths: list[int] | None = Field(
+        None, description="unfreeze depths to confirm (each searched); unset: every searched depth"
+    )
+    train_ratios: list[float] = Field(
+        [],
+        description="learning curve: the best setting retrained at each of these train_ratios with the same seeds "
+        "(each 0 < r <= 0.99); empty: no sweep",
+    )
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, depths: list[int] | None) -> list[int] | None:
+        if depths is not None and (
+            not depths or len(set(depths)) != len(depths) or not all(0 <= d <= 5 for d in depths)
+        ):
+            raise ValueError(f"expected distinct depths in 0..5, got {depths!r}")
+        return depths
+
+    @field_validator("train_ratios")
+    @classmethod
+    def _ratios(cls, ratios: list[float]) -> list[float]:
+        if len(set(ratios)) != len(ratios) or not all(0.0 < r <= 0.99 for r in ratios):
+            raise ValueError(f"expected distinct ratios with 0 < r <= 0.99, got {ratios!r}")
+        return sorted(ratios)
 
 
 #: Searched dimensions and their kind: "log"/"float"/"int" take [low, high]; "choice" a list.
@@ -213,6 +327,8 @@ class StudyConfig(BaseModel):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     search: SearchSection = Field(default_factory=SearchSection)
+    refit: RefitSection = Field(default_factory=RefitSection)
+    confirm: ConfirmSection = Field(default_factory=ConfirmSection)
     source: str = Field("<defaults>", description="the study file this configuration was read from")
 
     @property
@@ -228,6 +344,8 @@ class StudyConfig(BaseModel):
             # Searched keys are left out of [train]: their values come from each trial.
             "train": {k: v for k, v in self.train.model_dump().items() if k not in self.search.space},
             "search": dict(self.search.space),
+            "confirm": self.confirm.model_dump(),
+            "refit": self.refit.model_dump(),
         }
 
     def to_json(self) -> str:
@@ -239,7 +357,8 @@ class StudyConfig(BaseModel):
         lines = [f"# resolved configuration of study {self.study.name!r} (from {self.source})"]
         for table in TABLES:
             lines.append(f"\n[{table}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in raw[table].items()]
+            # TOML has no null: an unset key (None, e.g. an automatic default) is left out.
+            lines += [f"{key} = {_toml_value(value)}" for key, value in raw[table].items() if value is not None]
         return "\n".join(lines) + "\n"
 
     def with_overrides(self, **sections: dict[str, Any]) -> StudyConfig:
@@ -262,7 +381,13 @@ def _toml_value(value) -> str:
 
 # --------------------------------------------------------------------------- validation
 
-_SECTIONS: dict[str, type[_Section]] = {"study": StudySection, "data": DataSection, "train": TrainSection}
+_SECTIONS: dict[str, type[_Section]] = {
+    "study": StudySection,
+    "data": DataSection,
+    "train": TrainSection,
+    "refit": RefitSection,
+    "confirm": ConfirmSection,
+}
 
 
 def _one_line(where: str, cls: type[_Section], err: ValidationError) -> ConfigError:
@@ -291,10 +416,10 @@ def _section(cls: type[_Section], raw: Any, where: str) -> _Section:
 def _coerce_number(cls: type[_Section], key: str, value):
     """TOML writes ``1`` for a float key, and ``3.0`` is fine for an int key."""
     field = cls.model_fields.get(key)
-    kind = field.annotation if field is not None else None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    kinds = set(get_args(field.annotation) or [field.annotation]) if field is not None else set()
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
+    if int in kinds and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
@@ -340,7 +465,19 @@ def from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
     study = sections["study"]
     if not study.name:
         study = study.model_copy(update={"name": Path(source).stem if source.endswith(".toml") else "study"})
-    return StudyConfig(study=study, data=sections["data"], train=sections["train"], search=search, source=source)
+    depths = search.space.get("unfreeze_depth", [sections["train"].unfreeze_depth])
+    unsearched = [d for d in sections["confirm"].depths or [] if d not in depths]
+    if unsearched:
+        raise ConfigError(f"{source}: [confirm] depths: {unsearched} not searched (searched: {depths})")
+    return StudyConfig(
+        study=study,
+        data=sections["data"],
+        train=sections["train"],
+        search=search,
+        refit=sections["refit"],
+        confirm=sections["confirm"],
+        source=source,
+    )
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -403,7 +540,7 @@ def describe_keys() -> str:
     for title, cls in _SECTIONS.items():
         lines.append(f"[{title}]")
         for name, f in cls.model_fields.items():
-            lines.append(f"  {name} = {f.default!r}: {f.description}")
+            default = "(unset)" if f.default is None else repr(f.default)
+            lines.append(f"  {name} = {default}: {f.description}")
     lines.append("[search]  " + ", ".join(f"{k} ({v})" for k, v in SEARCHABLE.items()))
     return "\n".join(lines)
-

@@ -2,19 +2,35 @@
 
 Thin wrappers over scikit-learn, with the label set fixed to every class so that classes
 absent from a small split still count (as zeros) and shapes never depend on the data.
+scikit-learn's warnings about such splits (undefined precision, a single label) are kept off
+the console: a class missing from a split is expected here, and the study names it once in its
+own words (the dataset summary's warnings).
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
 )
+
+
+@contextlib.contextmanager
+def _quiet_sklearn() -> Iterator[None]:
+    """Silence scikit-learn's warnings about classes a split lacks, for this block only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        yield
 
 
 def top_k_accuracy(probs: np.ndarray, y_true: np.ndarray, k: int = 5) -> float:
@@ -41,7 +57,12 @@ class ClassificationScores:
     confusion: np.ndarray  # rows = true class, columns = predicted class
 
     def summary(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "top5": self.top5, "macro_f1": self.macro_f1, "weighted_f1": self.weighted_f1}
+        return {
+            "accuracy": self.accuracy,
+            "top5": self.top5,
+            "macro_f1": self.macro_f1,
+            "weighted_f1": self.weighted_f1,
+        }
 
     def to_dict(self) -> dict:
         return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in asdict(self).items()}
@@ -55,19 +76,32 @@ def score(y_true: np.ndarray, probs: np.ndarray, num_classes: int | None = None)
     if len(y_true) == 0:  # an empty split (no holdout, say): NaN scores; scikit-learn refuses empty input
         nan, zeros = float("nan"), np.zeros(num_classes)
         counts = np.zeros(num_classes, dtype=np.int64)
-        return ClassificationScores(nan, nan, nan, nan, zeros, zeros.copy(), zeros.copy(), counts, np.zeros((num_classes, num_classes), dtype=np.int64))
+        return ClassificationScores(
+            nan,
+            nan,
+            nan,
+            nan,
+            zeros,
+            zeros.copy(),
+            zeros.copy(),
+            counts,
+            np.zeros((num_classes, num_classes), dtype=np.int64),
+        )
     y_pred = probs.argmax(axis=1)
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    with _quiet_sklearn():
+        p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+        weighted = float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0))
+        confusion = confusion_matrix(y_true, y_pred, labels=labels)
     return ClassificationScores(
         accuracy=float(accuracy_score(y_true, y_pred)),
         top5=top_k_accuracy(probs, y_true, 5),
         macro_f1=macro_f1(y_true, y_pred, num_classes),
-        weighted_f1=float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        weighted_f1=weighted,
         precision=p,
         recall=r,
         f1=f,
         support=s,
-        confusion=confusion_matrix(y_true, y_pred, labels=labels),
+        confusion=confusion,
     )
 
 
@@ -76,7 +110,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     if len(y_true) == 0:
         return float("nan")
     present = np.union1d(np.unique(y_true), np.unique(y_pred))
-    return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+    with _quiet_sklearn():
+        return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
 
 
 def top_confused_pairs(confusion: np.ndarray, class_names: list[str], k: int = 20) -> list[dict]:
@@ -89,12 +124,14 @@ def top_confused_pairs(confusion: np.ndarray, class_names: list[str], k: int = 2
     for t, p in zip(*np.unravel_index(flat, off.shape)):
         if off[t, p] == 0:
             break
-        pairs.append({
-            "true": class_names[t],
-            "predicted": class_names[p],
-            "count": int(off[t, p]),
-            "share": float(off[t, p] / rows[t]) if rows[t] else 0.0,
-        })
+        pairs.append(
+            {
+                "true": class_names[t],
+                "predicted": class_names[p],
+                "count": int(off[t, p]),
+                "share": float(off[t, p] / rows[t]) if rows[t] else 0.0,
+            }
+        )
     return pairs
 
 

@@ -1,6 +1,6 @@
 """ResNet-50 for transfer: weights, a new head, unfreeze depth, frozen batch norm, param groups.
 
-Unfreeze depth ``k`` (DESIGN decision 1) counts trainable backbone stages from the top:
+Unfreeze depth ``k`` (README, "Design decisions" 1) counts trainable backbone stages from the top:
 
     k = 0  new head only (frozen feature extractor)
     k = 1  + layer4
@@ -120,7 +120,10 @@ class TransferNet(nn.Module):
         """
         groups = []
         backbone = [p for s in self.stages[self.num_frozen :] for p in s.parameters()]
-        for params, group_lr, name in ((list(self.head.parameters()), lr, "head"), (backbone, lr * backbone_lr_mult, "backbone")):
+        for params, group_lr, name in (
+            (list(self.head.parameters()), lr, "head"),
+            (backbone, lr * backbone_lr_mult, "backbone"),
+        ):
             decay = [p for p in params if p.ndim > 1]
             no_decay = [p for p in params if p.ndim <= 1]
             if decay:
@@ -135,11 +138,13 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
         return resnet50(weights=None), LoadedWeights("none", "none")
     if weights in ("imagenet", "auto"):
         try:
-            return resnet50(weights=ResNet50_Weights.IMAGENET1K_V2, progress=progress), LoadedWeights(weights, "imagenet")
+            return resnet50(weights=ResNet50_Weights.IMAGENET1K_V2, progress=progress), LoadedWeights(
+                weights, "imagenet"
+            )
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             message = (
                 f"ImageNet weights for ResNet-50 could not be downloaded ({type(exc).__name__}: {exc}). "
-                "Use weights = \"none\" for a randomly initialised backbone, or weights = \"/path/to/resnet50.pth\" "
+                'Use weights = "none" for a randomly initialised backbone, or weights = "/path/to/resnet50.pth" '
                 "for a local torchvision ResNet-50 state_dict (for example one copied into $TORCH_HOME/hub/checkpoints)."
             )
             if weights == "imagenet":
@@ -150,7 +155,7 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"weights file not found: {path}. weights must be \"imagenet\", \"auto\", \"none\" or a path to a "
+            f'weights file not found: {path}. weights must be "imagenet", "auto", "none" or a path to a '
             "torchvision ResNet-50 state_dict"
         )
     try:
@@ -165,7 +170,9 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # strict=False still refuses tensors of the wrong shape
-        raise WeightsUnavailableError(f"{path} is not a ResNet-50 state_dict: {str(exc).strip().splitlines()[-1].strip()}") from None
+        raise WeightsUnavailableError(
+            f"{path} is not a ResNet-50 state_dict: {str(exc).strip().splitlines()[-1].strip()}"
+        ) from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise WeightsUnavailableError(
@@ -204,7 +211,14 @@ def trainable_parameter_names(model: TransferNet) -> set[str]:
 CHECKPOINT_FORMAT = 1
 
 
-def save_checkpoint(path: str | Path, model: TransferNet, class_names: list[str], image_size: int, resize_mode: str, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: TransferNet,
+    class_names: list[str],
+    image_size: int,
+    resize_mode: str,
+    extra: dict | None = None,
+) -> Path:
     """Write the trained network with everything needed to use it: classes and preprocessing."""
     from .images.batches import IMAGENET_MEAN, IMAGENET_STD
 
@@ -216,7 +230,12 @@ def save_checkpoint(path: str | Path, model: TransferNet, class_names: list[str]
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "class_names": list(class_names),
         "unfreeze_depth": model.unfreeze_depth,
-        "preprocessing": {"image_size": image_size, "resize_mode": resize_mode, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        "preprocessing": {
+            "image_size": image_size,
+            "resize_mode": resize_mode,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        },
         "extra": extra or {},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -226,15 +245,28 @@ def save_checkpoint(path: str | Path, model: TransferNet, class_names: list[str]
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[TransferNet, dict]:
-    """Load a checkpoint written by ``save_checkpoint``; returns (model in eval mode, metadata)."""
+    """Load a checkpoint written by ``save_checkpoint``; returns (model in eval mode, metadata).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is truncated, corrupt or not a checkpoint (one line naming it).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn zip or a foreign pickle: torch.load raises many kinds
+        why = " ".join(str(exc).split())
+        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {why})") from None
     if not isinstance(payload, dict) or payload.get("arch") != "resnet50" or "state_dict" not in payload:
         raise ValueError(f"{path} is not a transferstudy checkpoint")
-    model = TransferNet(resnet50(weights=None), len(payload["class_names"]), payload["unfreeze_depth"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = TransferNet(resnet50(weights=None), len(payload["class_names"]), payload["unfreeze_depth"])
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:  # RuntimeError: tensors of the wrong shape
+        why = " ".join(str(exc).split())[:300]
+        raise ValueError(f"checkpoint {path} is damaged ({type(exc).__name__}: {why})") from None
     model.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, meta

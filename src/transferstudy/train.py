@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from . import runtime
 from .config import OPTIMIZERS, TrainSection
 from .features import FeatureCache
-from .images.batches import Augment, DeviceData, augment_batch
+from .images.batches import DeviceData, Views
 from .metrics import ClassificationScores, macro_f1, score
 from .model import TransferNet
 
 log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged (loss became NaN or infinite)."""
@@ -94,6 +95,9 @@ class EvalResult:
 def build_optimizer(model: TransferNet, s: TrainSection, device: torch.device) -> torch.optim.Optimizer:
     if s.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {s.optimizer!r}")
+    # Keys a TrialRunner has not resolved against its weights (fit called on its own) take their
+    # random-init default: the backbone then learns at the head's lr.
+    s = s.for_backbone(pretrained=False)
     groups = model.param_groups(s.lr, s.weight_decay, s.backbone_lr_mult)
     # One fused kernel for the whole update, on CUDA and on the CPU alike: on the CPU it cuts the
     # AdamW step of ResNet-50's layer4 from ~40 ms to ~11 ms (batch 32), a fifth of a depth-1 step.
@@ -122,13 +126,12 @@ def _cached_logits(model: TransferNet, features: FeatureCache, rows: torch.Tenso
     return model.trainable_forward(h.contiguous(memory_format=runtime.memory_format(device)) if h.ndim == 4 else h)
 
 
-def _train_logits(model, data, rows, s: TrainSection, device, aug_gen, features: FeatureCache | None, view: int) -> torch.Tensor:
-    """Logits of one training batch: from cached frozen activations of this epoch's view when
-    there is a cache, else from freshly augmented images through the whole network."""
+def _train_logits(model, data, rows, regime: Views, view: int, device, features: FeatureCache | None) -> torch.Tensor:
+    """Logits of one training batch on ``view`` of its images: from their cached frozen
+    activations when there is a cache, else from the view built now through the whole network."""
     if features is not None:
         return _cached_logits(model, features, rows, view, device)
-    x = augment_batch(data.inputs(rows), Augment.from_settings(s), aug_gen).contiguous(memory_format=runtime.memory_format(device))
-    return model(x)
+    return model(regime.inputs(data, rows, view).contiguous(memory_format=runtime.memory_format(device)))
 
 
 def train_one_epoch(
@@ -140,19 +143,20 @@ def train_one_epoch(
     s: TrainSection,
     device: torch.device,
     order_gen: torch.Generator,
-    aug_gen: torch.Generator,
+    regime: Views,
     features: FeatureCache | None = None,
     epoch: int = 1,
 ) -> tuple[float, float, int]:
-    """One pass over ``indices``; returns (mean loss, accuracy, images seen).
+    """One pass over ``indices`` on the regime's view for ``epoch``; returns (mean loss,
+    accuracy, images seen).
 
-    With ``features``, epoch ``e`` trains on the cache's view for that epoch (built first if
-    this is its first use) instead of running the frozen stages.
+    With ``features`` (holding ``regime``'s views), the epoch reads that view's cached frozen
+    activations (built first if this is its first use) instead of running the frozen stages.
 
     Loss and hits are summed on the device and read once at the end, so the loop never
     waits for the GPU between steps.
     """
-    view = features.view_for_epoch(epoch) if features is not None and s.augment else 0
+    view = regime.for_epoch(epoch)
     if features is not None:
         features.ensure_view(view, model, data, device)
     model.train()
@@ -162,7 +166,7 @@ def train_one_epoch(
     for rows in data.batch_rows(indices, s.batch_size, shuffle=True, generator=order_gen):
         y = data.targets(rows)
         with runtime.autocast(device, s.autocast):
-            logits = _train_logits(model, data, rows, s, device, aug_gen, features, view)
+            logits = _train_logits(model, data, rows, regime, view, device, features)
             loss = F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -203,10 +207,18 @@ def evaluate(
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         probs.append(torch.softmax(logits, 1).cpu().numpy())
         labels.append(y.cpu().numpy())
-    n = sum(len(l) for l in labels)
+    n = sum(len(part) for part in labels)
     if n == 0:
         return EvalResult(float("nan"), np.zeros((0, model.num_classes), np.float32), np.zeros(0, np.int64))
     return EvalResult(loss_sum / n, np.concatenate(probs), np.concatenate(labels))
+
+
+def _regime(s: TrainSection, features: FeatureCache | None, regime: Views | None) -> Views:
+    if features is None:
+        return regime or Views.from_settings(s)
+    if regime is not None and regime != features.regime:
+        raise ValueError(f"the feature cache holds {features.regime}, not the views to train on, {regime}")
+    return features.regime
 
 
 def best_epoch(history: list[EpochRecord], monitor: str = "val_acc") -> int:
@@ -224,6 +236,7 @@ def fit(
     on_epoch_end: Callable[[EpochRecord], bool | None] | None = None,
     features: FeatureCache | None = None,
     monitor: str = "val_acc",
+    regime: Views | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``s.epochs`` epochs and validate after each.
 
@@ -234,10 +247,14 @@ def fit(
             (``features.FeatureStore``); None runs the whole network on the images.
         monitor: the ``EpochRecord`` field whose highest value names ``best_epoch``
             (``val_acc`` or ``val_f1``).
+        regime: the views epoch ``e`` trains on (view ``(e - 1) mod V``); default: the cache's,
+            else ``Views.from_settings(s)``. With or without the cache, the same inputs.
 
     Raises:
         NonFiniteLossError: the training loss became NaN or infinite.
+        ValueError: ``features`` holds other views than ``regime``.
     """
+    regime = _regime(s, features, regime)
     runtime.seed_everything(s.train_seed)
     model.to(device, memory_format=runtime.memory_format(device))
     if s.compile:
@@ -246,7 +263,6 @@ def fit(
     steps = sum(1 for start in range(0, len(train_idx), s.batch_size) if len(train_idx) - start >= 2)
     scheduler = build_scheduler(optimizer, steps, s)
     order_gen = runtime.generator(s.train_seed, torch.device("cpu"))
-    aug_gen = runtime.generator(s.train_seed + 1, device)
     history: list[EpochRecord] = []
     stopped = False
     started = time.perf_counter()
@@ -254,7 +270,9 @@ def fit(
     for epoch in range(1, s.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc, seen = train_one_epoch(model, data, train_idx, optimizer, scheduler, s, device, order_gen, aug_gen, features, epoch)
+        loss, acc, seen = train_one_epoch(
+            model, data, train_idx, optimizer, scheduler, s, device, order_gen, regime, features, epoch
+        )
         runtime.synchronize(device)
         epoch_train_s = time.perf_counter() - t0
         train_seconds, train_images = train_seconds + epoch_train_s, train_images + seen

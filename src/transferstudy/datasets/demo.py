@@ -35,7 +35,12 @@ def write_digits(dest: str | Path, per_class: int | None = None, seed: int = DIG
         per_class: keep only this many images per class (tests use a handful); None = all.
     """
     dest = Path(dest)
-    info = {"source": "sklearn.datasets.load_digits", "per_class": per_class, "seed": seed, "test_fraction": TEST_FRACTION}
+    info = {
+        "source": "sklearn.datasets.load_digits",
+        "per_class": per_class,
+        "seed": seed,
+        "test_fraction": TEST_FRACTION,
+    }
     if _is_complete(dest, info):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +58,10 @@ def write_digits(dest: str | Path, per_class: int | None = None, seed: int = DIG
 
 def _is_complete(dest: Path, info: dict) -> bool:
     marker = dest / MARKER
-    return marker.is_file() and json.loads(marker.read_text()) == info
+    try:
+        return json.loads(marker.read_text()) == info
+    except (OSError, ValueError):  # absent, or torn by an interrupted write: written again
+        return False
 
 
 def _write_images(dest: Path, per_class: int | None, seed: int) -> None:

@@ -123,7 +123,12 @@ def read_problems(path: str | Path) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         return []
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise DatasetError(
+            f"{path} is not a readable problems list ({type(exc).__name__}); prepare the dataset again"
+        ) from None
     return [Problem(f, p) for f, p in zip(frame.get("file", []), frame.get("problem", []))]
 
 

@@ -24,7 +24,7 @@ DEMO_DIR = Path("studies/data")
 
 
 def detect_format(path: Path) -> str:
-    """"manifest" for a .csv file or a folder holding manifest.csv, "stanford-devkit" for a
+    """ "manifest" for a .csv file or a folder holding manifest.csv, "stanford-devkit" for a
     folder with devkit/cars_meta.mat (or stanford_cars/devkit/...), else "folders"."""
     if path.is_file():
         if path.suffix.lower() != ".csv":
@@ -73,7 +73,9 @@ def _crop_manifest(index: DatasetIndex, crop: str | None, path: Path) -> Dataset
     if crop == "none":
         index.samples = [replace(s, bbox=None) for s in index.samples]
     elif crop == "bbox" and not any(s.bbox for s in index.samples):
-        raise DatasetError(f"crop 'bbox' asked for, but the manifest {path} has no bounding boxes (prepare it with crop bbox)")
+        raise DatasetError(
+            f"crop 'bbox' asked for, but the manifest {path} has no bounding boxes (prepare it with crop bbox)"
+        )
     return index
 
 

@@ -10,13 +10,13 @@ Cars devkit, or a manifest). ``prepare`` writes three files to the destination f
     problems.csv   every file left out or suspect, and why (also logged as one table)
 
 Preparing again is cheap: decoded images are reused by file key (``data.load_cache``) and
-hashes by (path, size, mtime_ns) from the previous manifest, so only changed or added files
+hashes by (path, size, mtime_ns) from the previous manifest (and, given a cache_dir, from its
+hash cache: ``datasets/hashes.py``, which the study reads too), so only changed or added files
 are read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,9 +31,11 @@ from PIL import Image
 
 from ..images.cache import load_cache
 from ..images.decode import ImageProblem, decode_image
-from ..progress import progress
-from .base import SPLITS, DatasetError, DatasetIndex, Problem, Sample
+from .base import SPLITS, ClassCounts, DatasetError, DatasetIndex, Problem, Sample
+from .hashes import file_key, hash_files, is_sha256, same_content
+from .hashes import sha256_file as sha256_file  # re-exported: the hash in the manifest's sha256 column
 from .manifest import (
+    INFO_COLUMNS,
     MANIFEST_NAME,
     PROBLEMS_NAME,
     read_manifest_frame,
@@ -52,7 +54,6 @@ CACHE_SUBDIR = "cache"
 #: Edges of the shorter-side histogram in summary.json, in pixels.
 SIZE_BINS = (0, 64, 128, 224, 256, 384, 512, 768, 1024, 2048)
 _EXIF_ORIENTATION = 0x0112
-_HASH_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- checks
@@ -72,40 +73,41 @@ def validate_images(
     """
     if not index.samples:
         return [], [], 0
-    # Label-blind on purpose: load_cache stops at a class without a usable training image
-    # before it lists the bad files, and listing them is the point here. Class coverage is
-    # checked afterwards (check_coverage). Scan problems stay out: the cache does not track them.
-    blind = DatasetIndex(
-        root=index.root,
-        class_names=["any"],
-        samples=[replace(s, label=0, split="pool") for s in index.samples],
-        source=index.source,
-    )
+    # Every image as a pool image of its class: the test/ split plays no part in decoding, and
+    # class coverage is checked afterwards (check_coverage). Scan problems stay out: the cache
+    # does not track them.
+    pooled = replace(index, samples=[replace(s, split="pool") for s in index.samples], problems=[])
     try:
-        cache = load_cache(blind, image_size, cache_dir, workers=workers, show_progress=show_progress)
-    except DatasetError:  # not a single file decodes: say why for each
-        return [], [Problem(str(s.path), _decode_problem(s, image_size)) for s in index.samples], len(index.samples)
+        cache = load_cache(pooled, image_size, cache_dir, workers=workers, show_progress=show_progress)
+    except DatasetError:
+        # A class without a decodable image, or a single class: load_cache refuses such a dataset
+        # before it lists its bad files, and listing them is the point here, so decode file by file.
+        return *_decode_one_by_one(index.samples, image_size), len(index.samples)
     usable = set(cache.paths)
     return [s for s in index.samples if str(s.path) in usable], list(cache.problems), cache.decoded
 
 
-def _decode_problem(sample: Sample, image_size: int) -> str:
+def _decode_one_by_one(samples: list[Sample], image_size: int) -> tuple[list[Sample], list[Problem]]:
+    """(usable samples, problems of the others), one decode at a time."""
+    usable, problems = [], []
+    for s in samples:
+        reason = _decode_problem(s, image_size)
+        if reason is None:
+            usable.append(s)
+        else:
+            problems.append(Problem(str(s.path), reason))
+    return usable, problems
+
+
+def _decode_problem(sample: Sample, image_size: int) -> str | None:
+    """Why ``sample`` cannot be decoded; None when it can."""
     try:
         decode_image(sample.path, image_size, bbox=sample.bbox)
     except ImageProblem as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - reported, never raised
         return f"could not decode: {type(exc).__name__}: {exc}"
-    return "could not decode"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return None
 
 
 def image_dimensions(path: Path) -> tuple[int | str, int | str]:
@@ -124,7 +126,11 @@ def image_dimensions(path: Path) -> tuple[int | str, int | str]:
 
 
 def _previous_info(manifest: Path) -> dict[tuple[str, int, int], dict]:
-    """Hash and size of every file in an earlier manifest, keyed by (path, size, mtime_ns)."""
+    """Hash and size of every file in an earlier manifest, keyed by (path, size, mtime_ns).
+
+    A damaged manifest (unreadable, cut short, garbled cells) never stops prepare: what cannot
+    be trusted is left out with a warning, and those files are hashed again.
+    """
     if not manifest.is_file():
         return {}
     try:
@@ -132,29 +138,45 @@ def _previous_info(manifest: Path) -> dict[tuple[str, int, int], dict]:
     except DatasetError as exc:
         log.warning("previous manifest ignored, every file is hashed again: %s", exc)
         return {}
-    if not {"sha256", "size", "mtime_ns", "width", "height"} <= set(frame.columns):
+    missing = [c for c in INFO_COLUMNS if c not in frame.columns]
+    if missing:
+        log.warning("previous manifest %s lacks column(s) %s; every file is hashed again", manifest, ", ".join(missing))
         return {}
-    info = {}
+    info, damaged = {}, 0
     for row in frame.itertuples(index=False):
         try:
             facts = {
-                "sha256": row.sha256,
-                "width": int(row.width),
-                "height": int(row.height),
+                "sha256": str(row.sha256),
+                "width": _dimension(row.width),
+                "height": _dimension(row.height),
                 "size": int(row.size),
                 "mtime_ns": int(row.mtime_ns),
             }
-        except ValueError:  # an empty or damaged cell: hash that file again
+        except (TypeError, ValueError):  # an empty or damaged cell (NaN in a row cut short)
+            damaged += 1
             continue
-        if facts["sha256"]:
+        if is_sha256(facts["sha256"]):
             info[(row.path, facts["size"], facts["mtime_ns"])] = facts
+        else:
+            damaged += 1
+    if damaged:
+        log.warning("previous manifest %s: %d damaged row(s) ignored, those files are hashed again", manifest, damaged)
     return info
 
 
+def _dimension(cell: str) -> int | str:
+    """A width or height cell: blank where ``image_dimensions`` could not read the header."""
+    return "" if cell == "" else int(cell)
+
+
 def file_info(
-    samples: list[Sample], previous: dict[tuple[str, int, int], dict], show_progress: bool = True
+    samples: list[Sample],
+    previous: dict[tuple[str, int, int], dict],
+    show_progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> tuple[dict[str, dict], int, list[Problem]]:
-    """Hash and header size of every file, reusing ``previous`` for files whose size and mtime are unchanged.
+    """Hash and header size of every file, reusing ``previous`` for files whose size and mtime are
+    unchanged, and hashes from the hash cache in ``cache_dir`` (``hashes.hash_files``; None = none).
 
     Returns:
         Facts by ``str(sample.path)`` (keys of ``manifest.INFO_COLUMNS``), files hashed, and problems.
@@ -162,27 +184,27 @@ def file_info(
     info, problems, todo = {}, [], []
     for s in samples:
         try:
-            st = s.path.stat()
+            key = file_key(s.path)
         except OSError as exc:
             problems.append(Problem(str(s.path), f"cannot be read: {exc.strerror or exc}"))
             continue
-        known = previous.get((str(s.path), st.st_size, st.st_mtime_ns))
+        known = previous.get(key)
         if known is not None:
-            info[str(s.path)] = known
+            info[key[0]] = known
         else:
-            todo.append((s.path, st))
-    bar = progress(total=len(todo), desc="hashing files", unit="file", enabled=show_progress and bool(todo))
-    for path, st in todo:
-        bar.update(1)
-        try:
-            digest = sha256_file(path)
-        except OSError as exc:
-            problems.append(Problem(str(path), f"cannot be read: {exc.strerror or exc}"))
-            continue
-        width, height = image_dimensions(path)
-        info[str(path)] = {"sha256": digest, "width": width, "height": height, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    bar.close()
-    return info, len(todo), problems
+            todo.append(key)
+    digests, n_hashed, unreadable = hash_files(todo, cache_dir, show_progress)
+    for key in todo:
+        if key in digests:
+            width, height = image_dimensions(Path(key[0]))
+            info[key[0]] = {
+                "sha256": digests[key],
+                "width": width,
+                "height": height,
+                "size": key[1],
+                "mtime_ns": key[2],
+            }
+    return info, n_hashed, problems + unreadable
 
 
 def find_leaks(samples: list[Sample], info: dict[str, dict], root: Path | None = None) -> list[Problem]:
@@ -191,30 +213,28 @@ def find_leaks(samples: list[Sample], info: dict[str, dict], root: Path | None =
     Args:
         root: training files below it are named relative to it in the reasons.
     """
-    train_copies: dict[str, list[str]] = {}
-    for s in samples:
-        if s.split != "test":
-            train_copies.setdefault(info[str(s.path)]["sha256"], []).append(_short(str(s.path), root))
+    test = [s for s in samples if s.split == "test"]
+    train = [s for s in samples if s.split != "test"]
+    test_hashes = [info[str(s.path)]["sha256"] for s in test]
+    train_hashes = [info[str(s.path)]["sha256"] for s in train]
     problems = []
-    for s in samples:
-        copies = train_copies.get(info[str(s.path)]["sha256"]) if s.split == "test" else None
-        if copies:
-            more = f" and {len(copies) - 1} more" if len(copies) > 1 else ""
-            problems.append(Problem(str(s.path), f"same image as training file {copies[0]}{more} (train/test leak)"))
+    for i, copies in sorted(same_content(test_hashes, train_hashes).items()):
+        more = f" and {len(copies) - 1} more" if len(copies) > 1 else ""
+        first = _short(str(train[copies[0]].path), root)
+        problems.append(Problem(str(test[i].path), f"same image as training file {first}{more} (train/test leak)"))
     return problems
 
 
-def check_coverage(class_names: list[str], samples: list[Sample]) -> tuple[list[Problem], list[str]]:
-    """Classes without a usable training image (problems) or test image (warnings)."""
-    train = Counter(s.label for s in samples if s.split != "test")
-    test = Counter(s.label for s in samples if s.split == "test")
-    problems = [Problem(f"class {name}", "no usable training image") for i, name in enumerate(class_names) if not train[i]]
-    notes = []
-    if test:
-        missing = [name for i, name in enumerate(class_names) if not test[i]]
-        if missing:
-            notes.append(f"classes without a usable test image (absent from the holdout): {', '.join(missing)}")
-    return problems, notes
+def check_coverage(class_names: list[str], samples: list[Sample]) -> tuple[str | None, list[Problem], list[str]]:
+    """The decode's class rule (``datasets.base.ClassCounts``) on the usable samples.
+
+    Returns:
+        Why no study can run on them (one line) or None; a problem line per class without a
+        usable training image; warnings about classes that cannot be fully scored.
+    """
+    counts = ClassCounts.of(class_names, [s.label for s in samples], [s.split for s in samples])
+    problems = [Problem(f"class {name}", "no usable training image") for name in counts.names(counts.train == 0)]
+    return counts.error(), problems, counts.warnings()
 
 
 # --------------------------------------------------------------------------- reporting
@@ -264,8 +284,12 @@ def _size_distribution(sizes: list[tuple[int, int]]) -> dict:
 def _stats(values: np.ndarray) -> dict[str, int]:
     p5, median, p95 = np.percentile(values, [5, 50, 95])
     return {
-        "min": int(values.min()), "p5": round(p5), "median": round(median),
-        "mean": round(values.mean()), "p95": round(p95), "max": int(values.max()),
+        "min": int(values.min()),
+        "p5": round(p5),
+        "median": round(median),
+        "mean": round(values.mean()),
+        "p95": round(p95),
+        "max": int(values.max()),
     }
 
 
@@ -292,7 +316,7 @@ class PrepareResult:
     Attributes:
         index: the usable images, as listed in the manifest (problems: everything found).
         manifest_path, summary_path, problems_path: the files written to the destination.
-        n_hashed: files hashed by this call (0 = every hash reused from the previous manifest).
+        n_hashed: files hashed by this call (0 = every hash reused from the previous manifest or the hash cache).
         n_decoded: files decoded by this call (0 = every decode reused from the cache).
         problems: files left out or suspect, and classes without training images.
     """
@@ -326,12 +350,14 @@ def prepare(
         dest: output folder (created); must lie outside a folder or devkit source.
         image_size: resolution of the validating decode in pixels; default VALIDATE_SIZE.
             Give the study's size and cache_dir to have the study reuse the decode.
-        cache_dir: where decoded images are cached; default ``dest/cache``.
+        cache_dir: where decoded images are cached; default ``dest/cache``. Given, its hash cache
+            (``hashes.HASHES_FILE``) is read and written too, so the study reuses the hashes.
         workers: decoding processes; default one per CPU.
 
     Raises:
         DatasetError: the source cannot be opened, ``dest`` lies inside it, or some class has
-            no usable training image (raised after the three files are written).
+            no usable training image or fewer than two classes have one (raised after the three
+            files are written).
     """
     index = open_dataset(source, format, crop)
     dest = _check_dest(Path(dest).expanduser().absolute(), Path(source).expanduser(), index)
@@ -340,9 +366,9 @@ def prepare(
     )
     if cache_dir is None:
         _prune_cache(dest / CACHE_SUBDIR)
-    info, n_hashed, unreadable = file_info(usable, _previous_info(dest / MANIFEST_NAME), show_progress)
+    info, n_hashed, unreadable = file_info(usable, _previous_info(dest / MANIFEST_NAME), show_progress, cache_dir)
     usable = [s for s in usable if str(s.path) in info]
-    class_problems, notes = check_coverage(index.class_names, usable)
+    error, class_problems, notes = check_coverage(index.class_names, usable)
     problems = [*index.problems, *problems, *unreadable, *find_leaks(usable, info, index.root)]
     problems = sorted(problems, key=lambda p: p.path) + class_problems
     kept = DatasetIndex(index.root, index.class_names, usable, problems, source=index.source)
@@ -353,9 +379,8 @@ def prepare(
     summary_path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     problems_path = write_problems(dest / PROBLEMS_NAME, problems)
     _log_outcome(kept, problems, notes, n_decoded, n_hashed, dest)
-    if class_problems:
-        names = ", ".join(p.path.removeprefix("class ") for p in class_problems)
-        raise DatasetError(f"{len(class_problems)} class(es) have no usable training image: {names} (see {problems_path})")
+    if error:
+        raise DatasetError(f"{error} (see {problems_path})")
     return PrepareResult(kept, manifest_path, summary_path, problems_path, n_hashed, n_decoded, problems)
 
 
@@ -377,16 +402,28 @@ def _check_dest(dest: Path, source: Path, index: DatasetIndex) -> Path:
     return dest
 
 
-def _log_outcome(index: DatasetIndex, problems: list[Problem], notes: list[str], n_decoded: int, n_hashed: int, dest: Path) -> None:
+def _log_outcome(
+    index: DatasetIndex, problems: list[Problem], notes: list[str], n_decoded: int, n_hashed: int, dest: Path
+) -> None:
     splits = Counter(s.split for s in index.samples)
     log.info(
         "prepared %s: %d images, %d classes (%s); %d decoded, %d hashed; written to %s",
-        index.root, len(index.samples), index.num_classes,
-        ", ".join(f"{splits[split]} {split}" for split in SPLITS if split in splits), n_decoded, n_hashed, dest,
+        index.root,
+        len(index.samples),
+        index.num_classes,
+        ", ".join(f"{splits[split]} {split}" for split in SPLITS if split in splits),
+        n_decoded,
+        n_hashed,
+        dest,
     )
     for note in notes:
         log.warning(note)
     if problems:
-        log.warning("%d problem(s), also in %s:\n%s", len(problems), dest / PROBLEMS_NAME, format_problem_table(problems, index.root))
+        log.warning(
+            "%d problem(s), also in %s:\n%s",
+            len(problems),
+            dest / PROBLEMS_NAME,
+            format_problem_table(problems, index.root),
+        )
     else:
         log.info("no problems found")

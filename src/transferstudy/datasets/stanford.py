@@ -89,7 +89,9 @@ def _split_samples(
         listed.add(path.name)
         label = int(a["class"]) - 1
         if not 0 <= label < num_classes:
-            problems.append(Problem(str(path), f"class {int(a['class'])} outside 1..{num_classes} in {annotations_path.name}"))
+            problems.append(
+                Problem(str(path), f"class {int(a['class'])} outside 1..{num_classes} in {annotations_path.name}")
+            )
         elif path.is_symlink() and not path.exists():
             problems.append(Problem(str(path), "broken symbolic link"))
         elif not path.is_file():
@@ -125,10 +127,10 @@ def scan_stanford_devkit(root: str | Path, crop: bool = False) -> DatasetIndex:
     samples = _split_samples(base / TRAIN_ANNOTATIONS, base / "cars_train", "train", len(class_names), crop, problems)
     test_annotations = next((base / p for p in TEST_ANNOTATIONS if (base / p).is_file()), None)
     if test_annotations is None:
-        log.warning(
-            "%s: no cars_test_annos_withlabels.mat, so the test images have no labels and are not used", base
-        )
+        log.warning("%s: no cars_test_annos_withlabels.mat, so the test images have no labels and are not used", base)
     else:
         samples += _split_samples(test_annotations, base / "cars_test", "test", len(class_names), crop, problems)
     problems.sort(key=lambda p: p.path)
-    return DatasetIndex(root=base, class_names=class_names, samples=samples, problems=problems, source="stanford-devkit")
+    return DatasetIndex(
+        root=base, class_names=class_names, samples=samples, problems=problems, source="stanford-devkit"
+    )

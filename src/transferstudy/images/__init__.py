@@ -6,7 +6,9 @@ from .batches import (
     IMAGENET_STD,
     Augment,
     DeviceData,
+    Views,
     augment_batch,
+    crop_batch,
     normalize,
 )
 from .cache import ImageCache, check_classes, dataset_fingerprint, load_cache
@@ -19,8 +21,10 @@ __all__ = [
     "DeviceData",
     "ImageCache",
     "ImageProblem",
+    "Views",
     "augment_batch",
     "check_classes",
+    "crop_batch",
     "dataset_fingerprint",
     "decode_image",
     "load_cache",

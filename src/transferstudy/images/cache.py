@@ -4,6 +4,11 @@ One pass decodes (and so validates) every file into a uint8 array at training re
 array is stored on disk under a fingerprint of the files and the decoding settings, and later
 runs memory-map it instead of decoding again. When a few files changed, only those are decoded.
 
+The cache checks itself whenever it is opened: meta.json records the images array's shape,
+dtype, file size and checksum (``sampled_checksum``), and a folder that does not match them
+(a truncated or partly copied images.npy, a damaged meta.json) is reported once, removed and
+decoded again; it is never reused.
+
     >>> cache = load_cache(scan_folders("data/cars"), image_size=224, cache_dir="studies/cache")
 """
 
@@ -13,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +26,77 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RESIZE_MODES
-from ..datasets.base import DatasetError, DatasetIndex, Problem
+from ..datasets.base import ClassCounts, DatasetError, DatasetIndex, Problem
 from ..progress import progress
 from .decode import ImageProblem, decode_image
 
 log = logging.getLogger(__name__)
 
-#: Bump when the on-disk cache layout or the decoding changes, so old caches are not reused.
-CACHE_VERSION = 2
+#: Bump when the on-disk cache layout, the decoding or the checksum changes, so old caches are
+#: not reused (3: meta.json records the images array's size and checksum).
+CACHE_VERSION = 3
 #: The files of one cache folder (``<cache_dir>/<fingerprint>/``); meta.json is written last.
 IMAGES_FILE = "images.npy"
 META_FILE = "meta.json"
+#: What meta.json must hold for its folder to be read; "images" is the record of images.npy
+#: (array shape and dtype, file size in bytes, ``sampled_checksum`` of the file).
+META_KEYS = (
+    "version",
+    "root",
+    "image_size",
+    "resize_mode",
+    "class_names",
+    "paths",
+    "keys",
+    "labels",
+    "splits",
+    "failed",
+    "images",
+)
+#: meta.json keys an earlier cache must share for its rows to be reused (``_previous_rows``).
+SETTING_KEYS = ("version", "image_size", "resize_mode", "root")
+#: ``sampled_checksum`` hashes this many evenly spaced blocks (first and last included) ...
+SAMPLE_BLOCKS = 256
+#: ... of this many bytes each: 16 MiB in all, however large the data; less data is hashed whole.
+SAMPLE_BLOCK_BYTES = 1 << 16
+
+
+class CacheUnusable(Exception):
+    """Why a cache folder cannot be used. ``damaged``: it claims to be complete (has a meta.json)
+    but does not match it, so it must be removed; else it is unfinished or made for other settings."""
+
+    def __init__(self, reason: str, damaged: bool = True):
+        super().__init__(reason)
+        self.damaged = damaged
+
+
+def sampled_checksum(data: np.ndarray | str | Path) -> str:
+    """A cheap checksum of an array's bytes or a file's: BLAKE2b over the byte count and
+    SAMPLE_BLOCKS evenly spaced blocks of SAMPLE_BLOCK_BYTES (first and last included), or over
+    every byte when there are at most 16 MiB.
+
+    Why sampled: hashing all of a 2.4 GB decode cache takes over 10 s, on every open and every
+    Prefect cache-key check; 16 MiB take about 0.1 s (0.3 s from a cold disk; a file is read
+    with ``pread``, which is ten times faster cold than faulting the pages of a memory map). It
+    catches truncation and padding (the byte count), a file from another build, and any damaged
+    run of bytes longer than 1/SAMPLE_BLOCKS of the data (the zeroed holes or tail of a partial
+    copy); a few flipped bytes between the blocks of a large file go unnoticed.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as f:
+            return _sampled_hash(os.fstat(f.fileno()).st_size, lambda start, n: os.pread(f.fileno(), n, start))
+    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return _sampled_hash(flat.nbytes, lambda start, n: flat[start : start + n])
+
+
+def _sampled_hash(size: int, read) -> str:
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+        h.update(read(0, size))
+    else:
+        for start in np.linspace(0, size - SAMPLE_BLOCK_BYTES, SAMPLE_BLOCKS, dtype=np.int64):
+            h.update(read(int(start), SAMPLE_BLOCK_BYTES))
+    return h.hexdigest()
 
 
 def _decode_job(job: tuple[int, str, int, str, tuple | None]) -> tuple[int, np.ndarray | None, str | None]:
@@ -92,12 +158,15 @@ def _keys(index: DatasetIndex) -> tuple[list[str | None], list[Problem]]:
     return keys, problems
 
 
-def cache_state(index: DatasetIndex, image_size: int, cache_dir: str | Path, resize_mode: str = "center_crop") -> str:
-    """The cache folder's key plus whether it is complete and intact: it changes when the files
-    change and when the cache is damaged (the flow's task cache uses it)."""
+def cache_status(
+    index: DatasetIndex, image_size: int, cache_dir: str | Path, resize_mode: str = "center_crop"
+) -> tuple[str, bool]:
+    """(the cache's key, whether its folder is complete and intact). The key changes when the
+    files or the decoding settings change; a damaged or missing cache is not healthy, so the
+    flow refreshes its task cache instead of reporting it Cached."""
     fingerprint = dataset_fingerprint(index, image_size, resize_mode)
-    folder = Path(cache_dir) / fingerprint
-    return f"{fingerprint}-{'ok' if verify_cache(folder) is None else 'rebuild'}-{Path(cache_dir).resolve()}"
+    healthy = verify_cache(Path(cache_dir) / fingerprint) is None
+    return f"{fingerprint}-{Path(cache_dir).resolve()}", healthy
 
 
 def dataset_fingerprint(index: DatasetIndex, image_size: int, resize_mode: str = "center_crop") -> str:
@@ -114,27 +183,24 @@ def _fingerprint(index: DatasetIndex, keys, image_size: int, resize_mode: str) -
 
 
 def _previous_rows(cache_dir: Path, image_size: int, resize_mode: str, root: Path):
-    """The newest earlier cache of the same dataset and settings: (images, row by file key,
-    failure reason by file key), so unchanged files are neither decoded nor retried."""
-    candidates = []
-    for meta_path in cache_dir.glob(f"*/{META_FILE}"):
+    """The newest intact earlier cache of the same dataset and settings: (images, row by file
+    key, failure reason by file key), so unchanged files are neither decoded nor retried."""
+    settings = [CACHE_VERSION, image_size, resize_mode, str(root)]
+    for meta_path in sorted(cache_dir.glob(f"*/{META_FILE}"), key=_age):
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
+            meta, images = _open_cache(meta_path.parent, settings)
+        except CacheUnusable:
             continue
-        if (meta.get("version"), meta.get("image_size"), meta.get("resize_mode"), meta.get("root")) == (
-            CACHE_VERSION, image_size, resize_mode, str(root)
-        ):
-            candidates.append((meta_path.stat().st_mtime, meta_path.parent, meta))
-    if not candidates:
-        return None, {}, {}
-    _, folder, meta = max(candidates, key=lambda c: c[0])
-    failed = {key: reason for _, key, reason in meta.get("failed", [])}
+        failed = {key: reason for _, key, reason in meta["failed"]}
+        return images, {key: row for row, key in enumerate(meta["keys"])}, failed
+    return None, {}, {}
+
+
+def _age(path: Path) -> float:
     try:
-        images = np.load(folder / IMAGES_FILE, mmap_mode="r")
-    except (OSError, ValueError):
-        return None, {}, failed
-    return images, {key: row for row, key in enumerate(meta["keys"])}, failed
+        return -path.stat().st_mtime
+    except OSError:  # removed meanwhile (by a process that found it damaged)
+        return 0.0
 
 
 def load_cache(
@@ -159,8 +225,12 @@ def load_cache(
     keys, problems = _keys(index)
     fingerprint = _fingerprint(index, keys, image_size, resize_mode)
     folder = cache_dir / fingerprint
-    if (folder / META_FILE).is_file() and (folder / IMAGES_FILE).is_file():
-        cache = _read_cache(folder, index, problems)
+    try:
+        meta, cached = _open_cache(folder)
+    except CacheUnusable:
+        pass  # never built, or damaged (reported and removed): decode
+    else:
+        cache = _read_cache(folder, meta, cached, index, problems)
         log.info("image cache %s reused: %d images at %d px, nothing decoded", fingerprint, len(cache), image_size)
         return cache
 
@@ -205,7 +275,12 @@ def load_cache(
     _write_cache(folder, cache, [keys[i] for i in keep], index.root, failed)
     log.info(
         "image cache %s built: %d images at %d px (%d decoded, %d reused, %d skipped)",
-        fingerprint, len(cache), image_size, len(jobs), len(index.samples) - len(jobs), len(problems),
+        fingerprint,
+        len(cache),
+        image_size,
+        len(jobs),
+        len(index.samples) - len(jobs),
+        len(problems),
     )
     return cache
 
@@ -233,11 +308,19 @@ def _collect(results, images, ok, reasons, bar) -> None:
         bar.update(1)
 
 
-def _write_cache(folder: Path, cache: ImageCache, keys: list[str], root: Path, failed: list[tuple[str, str, str]]) -> None:
+def _write_cache(
+    folder: Path, cache: ImageCache, keys: list[str], root: Path, failed: list[tuple[str, str, str]]
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{IMAGES_FILE}.{os.getpid()}.tmp"  # workers that build together never share a file
     with open(tmp, "wb") as f:
         np.save(f, cache.images)
+    record = {
+        "shape": list(cache.images.shape),
+        "dtype": str(cache.images.dtype),
+        "bytes": tmp.stat().st_size,
+        "checksum": sampled_checksum(tmp),  # of the bytes as written (still in the page cache)
+    }
     meta = {
         "version": CACHE_VERSION,
         "root": str(root),
@@ -250,6 +333,7 @@ def _write_cache(folder: Path, cache: ImageCache, keys: list[str], root: Path, f
         "splits": cache.splits.tolist(),
         "failed": [list(f) for f in failed],
         "warnings": cache.warnings,
+        "images": record,
     }
     os.replace(tmp, folder / IMAGES_FILE)  # images first: meta.json marks a complete cache
     tmp_meta = folder / f"{META_FILE}.{os.getpid()}.tmp"
@@ -258,26 +342,108 @@ def _write_cache(folder: Path, cache: ImageCache, keys: list[str], root: Path, f
 
 
 def verify_cache(folder: Path) -> str | None:
-    """Why the cache in ``folder`` cannot be used (None = complete and intact)."""
-    meta_path, images_path = folder / META_FILE, folder / IMAGES_FILE
-    if not meta_path.is_file() or not images_path.is_file():
-        return "missing"
+    """Why the cache in ``folder`` cannot be used (None = complete and intact); changes nothing."""
     try:
-        meta = json.loads(meta_path.read_text())
-        images = np.load(images_path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        return f"unreadable ({type(exc).__name__}: {exc})"
-    if images.shape[0] != len(meta.get("labels", [])):
-        return f"{images.shape[0]} images for {len(meta.get('labels', []))} labels"
+        _check_cache(Path(folder))
+    except CacheUnusable as exc:
+        return str(exc)
     return None
 
 
-def _read_cache(folder: Path, index: DatasetIndex, unreadable: list[Problem]) -> ImageCache:
+def _open_cache(folder: Path, settings: list | None = None, older: bool = False) -> tuple[dict, np.ndarray]:
+    """meta.json and the memory-mapped images of an intact cache folder; a damaged one is
+    reported and removed, so it is rebuilt and never reused.
+
+    Raises:
+        CacheUnusable: the folder cannot be used (see ``_check_cache``).
+    """
+    try:
+        return _check_cache(folder, settings, older)
+    except CacheUnusable as exc:
+        if exc.damaged:
+            _discard(folder, str(exc))
+        raise
+
+
+def _check_cache(folder: Path, settings: list | None = None, older: bool = False) -> tuple[dict, np.ndarray]:
+    """meta.json and the memory-mapped images of ``folder``, checked against each other.
+
+    Args:
+        settings: values of SETTING_KEYS the cache must have been made with (None = any).
+        older: accept a cache written before caches recorded a checksum (an older study's,
+            which only a reader such as the report opens), checking only that it loads.
+
+    Raises:
+        CacheUnusable: why not (damaged, unfinished, or made with other settings).
+    """
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CacheUnusable(f"no {META_FILE} (never completed, or removed)", damaged=False) from None
+    except (OSError, ValueError) as exc:
+        raise CacheUnusable(f"{META_FILE} is unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict):
+        raise CacheUnusable(f"{META_FILE} holds a {type(meta).__name__}, not an object")
+    if settings is not None and [meta.get(k) for k in SETTING_KEYS] != settings:
+        raise CacheUnusable("made with other settings", damaged=False)
+    if older and meta.get("version") != CACHE_VERSION:
+        try:
+            return meta, np.load(folder / IMAGES_FILE, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise CacheUnusable(f"{IMAGES_FILE} is unreadable ({type(exc).__name__}: {exc})", damaged=False) from None
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CacheUnusable(f"{META_FILE} lacks {', '.join(missing)}")
+    try:
+        return meta, _check_images(folder / IMAGES_FILE, meta)
+    except (KeyError, TypeError, ValueError) as exc:  # valid JSON of the wrong structure
+        raise CacheUnusable(f"{META_FILE} is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _check_images(path: Path, meta: dict) -> np.ndarray:
+    """images.npy memory-mapped, once its size, shape, dtype, rows and checksum match ``meta``."""
+    record = meta["images"]
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CacheUnusable(f"{IMAGES_FILE} is missing or unreadable ({type(exc).__name__})") from None
+    if size != record["bytes"]:
+        raise CacheUnusable(f"{IMAGES_FILE} has {size} bytes, {META_FILE} records {record['bytes']} (cut short?)")
+    try:
+        images = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CacheUnusable(f"{IMAGES_FILE} is unreadable ({type(exc).__name__}: {exc})") from None
+    found, recorded = [str(images.dtype), list(images.shape)], [record["dtype"], record["shape"]]
+    if found != recorded:
+        raise CacheUnusable(f"{IMAGES_FILE} holds {found}, {META_FILE} records {recorded}")
+    rows = {len(meta[k]) for k in ("paths", "keys", "labels", "splits")}
+    if rows != {len(images)}:
+        raise CacheUnusable(f"{META_FILE} lists {sorted(rows)} rows for {len(images)} images")
+    if any(len(f) != 3 for f in meta["failed"]):
+        raise CacheUnusable(f"{META_FILE} has malformed failed entries")
+    if sampled_checksum(path) != record["checksum"]:
+        raise CacheUnusable(f"{IMAGES_FILE} does not match its checksum (its bytes changed after it was written)")
+    return images
+
+
+def _discard(folder: Path, reason: str) -> None:
+    """Report a damaged cache folder once and remove it."""
+    log.warning("decode cache %s is damaged, removed and decoded again on next use: %s", folder, reason)
+    aside = folder.with_name(f"{folder.name}.damaged-{os.getpid()}")
+    try:
+        os.rename(folder, aside)  # atomic, so a process rebuilding the folder meanwhile is not disturbed
+    except OSError:  # another process set it aside first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _read_cache(
+    folder: Path, meta: dict, images: np.ndarray, index: DatasetIndex, unreadable: list[Problem]
+) -> ImageCache:
     """A complete cache; its problems are this scan's plus the decode failures it recorded."""
-    meta = json.loads((folder / META_FILE).read_text())
     failed = [Problem(path, reason) for path, _, reason in meta["failed"]]
     return ImageCache(
-        images=np.load(folder / IMAGES_FILE, mmap_mode="r"),
+        images=images,
         labels=np.array(meta["labels"], dtype=np.int64),
         splits=np.array(meta["splits"], dtype="<U5"),
         paths=meta["paths"],
@@ -292,28 +458,18 @@ def _read_cache(folder: Path, index: DatasetIndex, unreadable: list[Problem]) ->
 
 
 def check_classes(cache: ImageCache) -> list[str]:
-    """Fail on classes that cannot be trained; return warnings for ones that degrade scoring.
+    """Fail on classes that cannot be trained; return warnings for ones that degrade scoring
+    (the rule of ``datasets.base.ClassCounts``, which the import applies too).
 
     Raises:
-        DatasetError: some class has no usable training (train/ or pool) image.
+        DatasetError: some class has no usable training (train/ or pool) image, or fewer than
+            two classes have one.
     """
-    trainable = np.isin(cache.splits, ("train", "pool"))
-    counts = np.bincount(cache.labels[trainable], minlength=cache.num_classes)
-    empty = [cache.class_names[c] for c in np.flatnonzero(counts == 0)]
-    if empty:
-        raise DatasetError(
-            f"{len(empty)} class(es) have no usable training image: {', '.join(empty)} "
-            "(empty folders, or every file was skipped; see the skipped-file list above)"
-        )
-    notes = []
-    single = [cache.class_names[c] for c in np.flatnonzero(counts == 1)]
-    if single:
-        notes.append(f"classes with a single training image (absent from validation): {', '.join(single)}")
-    if (cache.splits == "test").any():
-        test_counts = np.bincount(cache.labels[cache.splits == "test"], minlength=cache.num_classes)
-        missing = [cache.class_names[c] for c in np.flatnonzero(test_counts == 0)]
-        if missing:
-            notes.append(f"classes without a usable test image (absent from the holdout): {', '.join(missing)}")
+    counts = ClassCounts.of(cache.class_names, cache.labels, cache.splits)
+    error = counts.error()
+    if error:
+        raise DatasetError(error)
+    notes = counts.warnings()
     for note in notes:
         log.warning(note)
     return notes
@@ -321,13 +477,13 @@ def check_classes(cache: ImageCache) -> list[str]:
 
 def open_cache_folder(folder: str | Path | None) -> tuple[np.ndarray | None, list[str], str]:
     """(memory-mapped images, file path of each row, why not) of one cache folder, for readers
-    other than training (the report's thumbnails); never raises."""
+    other than training (the report's thumbnails); never raises. A damaged cache is reported
+    and removed; one an older version wrote, without a checksum, is read as it is."""
     if not folder:
         return None, [], "the study did not record where its decode cache is"
     folder = Path(folder)
     try:
-        images = np.load(folder / IMAGES_FILE, mmap_mode="r")
-        paths = json.loads((folder / META_FILE).read_text())["paths"]
-    except (OSError, ValueError, KeyError) as exc:
-        return None, [], f"the decode cache {folder} is gone or unreadable ({type(exc).__name__})"
-    return images, paths, ""
+        meta, images = _open_cache(folder, older=True)
+        return images, list(meta["paths"]), ""
+    except (CacheUnusable, KeyError, TypeError) as exc:  # KeyError, TypeError: an older meta.json without paths
+        return None, [], f"the decode cache {folder} cannot be used: {exc}"

@@ -21,7 +21,6 @@ class ImageProblem(Exception):
     """A file that cannot be used as an image; str() is the reason shown to the user."""
 
 
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Grayscale, CMYK, palette, alpha and 16-bit images become 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

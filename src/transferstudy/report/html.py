@@ -14,6 +14,7 @@ MANY_CLASSES = 30
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
+
 def esc(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -28,8 +29,6 @@ def fmt_pct(value) -> str:
 
 def fmt_num(value, digits: int = 4) -> str:
     return "—" if missing(value) else f"{value:.{digits}f}"
-
-
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +12,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import StudySection
 from ..study import attrs as stored
+from ..study import ranking
+
+# Heartbeats, stale-trial retries, multivariate TPE and the importance plot are Optuna features
+# marked experimental; they are used knowingly, so their notices are not the user's business.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 #: Best trials shown when the stored config has no ``report_top_k``.
 DEFAULT_TOP_K = StudySection.model_fields["report_top_k"].default
+
 
 @dataclass
 class StudyData:
@@ -45,6 +52,15 @@ class StudyData:
     def class_names(self) -> list[str]:
         return list(self.dataset.get("class_names") or [])
 
+    @property
+    def on_common_subset(self) -> bool:
+        """Whether the trials are ranked on the common validation subset (else on their own values)."""
+        return bool(self.complete) and ranking.on_common_subset(self.complete)
+
+    def rank_value(self, trial: FrozenTrial) -> float:
+        """What ``trial`` is ranked by (``study.ranking``)."""
+        return ranking.ranking_value(trial.value, trial.user_attrs, self.on_common_subset)
+
     def param(self, trial: FrozenTrial, key: str):
         """A trial's value of ``key``: searched, else the study's fixed ``[train]`` setting."""
         return trial.params.get(key, self.config.get("train", {}).get(key))
@@ -72,7 +88,9 @@ def open_study(storage_url: str, study_name: str) -> optuna.Study:
         return optuna.load_study(study_name=study_name, storage=storage_url)
     except KeyError:
         names = optuna.study.get_all_study_names(storage=storage_url)
-        raise ValueError(f"no study {study_name!r} in {storage_url}; it has: {', '.join(names) or 'no studies'}") from None
+        raise ValueError(
+            f"no study {study_name!r} in {storage_url}; it has: {', '.join(names) or 'no studies'}"
+        ) from None
 
 
 def load_data(study: optuna.Study) -> StudyData:
@@ -85,7 +103,7 @@ def load_data(study: optuna.Study) -> StudyData:
         trials=study.get_trials(deepcopy=False),
     )
     k = int(data.config.get("study", {}).get("report_top_k") or DEFAULT_TOP_K)
-    data.top = sorted(data.complete, key=lambda t: (-t.value, t.number))[:k]
+    data.top = ranking.rank(data.complete, k)  # on the common validation subset, as the study ranks
     return data
 
 

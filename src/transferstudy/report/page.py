@@ -13,12 +13,14 @@ from markupsafe import Markup
 from .load import StudyData
 from .sections import (
     best_trials_section,
+    confirmation_section,
     curves_section,
     effects_section,
     findings_section,
     header_section,
     holdout_section,
     misclassified_section,
+    model_card_section,
     optuna_section,
 )
 
@@ -30,16 +32,32 @@ def asset(name: str) -> str:
 
 
 SECTIONS = (
-    ("header", "Study"), ("findings", "Findings"), ("best-trials", "Best trials"), ("holdout", "Holdout"),
-    ("curves", "Learning curves"), ("effects", "Effects"), ("optuna", "Optuna plots"), ("misclassified", "Misclassified"),
+    ("header", "Study"),
+    ("findings", "Findings"),
+    ("confirmation", "Depth (confirmation)"),
+    ("model-card", "Model card"),
+    ("best-trials", "Best trials"),
+    ("holdout", "Holdout"),
+    ("curves", "Learning curves"),
+    ("effects", "Effects"),
+    ("optuna", "Optuna plots"),
+    ("misclassified", "Misclassified"),
 )
 
 
 def render(data: StudyData, rebuild_command: str | None = None) -> str:
     """The whole page as one string (``assets/page.html.j2``; sections are HTML built by ``sections``)."""
     sections = [
-        header_section(data, rebuild_command), findings_section(data), best_trials_section(data), holdout_section(data),
-        curves_section(data), effects_section(data), optuna_section(data), misclassified_section(data),
+        header_section(data, rebuild_command),
+        findings_section(data),
+        confirmation_section(data),
+        model_card_section(data),
+        best_trials_section(data),
+        holdout_section(data),
+        curves_section(data),
+        effects_section(data),
+        optuna_section(data),
+        misclassified_section(data),
     ]
     env = jinja2.Environment(autoescape=True, keep_trailing_newline=True)
     template = env.from_string(asset("page.html.j2"))

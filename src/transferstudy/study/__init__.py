@@ -2,11 +2,14 @@
 
 A study searches unfreeze depth, learning rate, epochs and train/validation split ratio (plus
 any optional dimensions of the study file). Optuna optimises the validation metric; the fixed
-holdout is scored only for the best trials, after the search (design note 2 in docs/DESIGN.md).
+holdout is scored only for the best trials, after the search (README, "Design decisions" 2).
 
 Modules: ``dataset`` (open and decode once), ``space`` (search space), ``objective`` (one
 trial), ``runner`` (storage, sampler, pruner, resume), ``holdout`` (scoring the best trials),
-``attrs`` (the names of everything the study stores; the report reads them back from there).
+``confirm`` (the best setting of each depth retrained with several seeds: the answer with n and
+an interval), ``ranking`` (the best trials, on the common validation subset),
+``refit`` (the chosen configuration trained on the whole pool, scored and exported), ``attrs``
+(the names of everything the study stores; the report reads them back from there).
 
 Studies resume: running the same study again continues up to ``n_trials`` finished trials in
 total. Trials of a killed worker stop sending heartbeats; the next run marks them failed and
@@ -26,12 +29,14 @@ _EXPORTS = {
     "results_table": "holdout",
     "score_holdout": "holdout",
     "top_trials": "holdout",
+    "confirm_study": "confirm",
     "Objective": "objective",
     "SurplusTrial": "objective",
     "count_finished": "runner",
     "create_storage": "runner",
     "open_study": "runner",
     "preflight": "runner",
+    "refit_best": "refit",
     "run_study": "runner",
     "suggest": "space",
 }

@@ -19,6 +19,7 @@ STUDY_COMMAND = "command"  # the command that reproduces the study
 STUDY_WEIGHTS = "weights"  # what the backbone held: requested, used, warning
 STUDY_HOLDOUT = "holdout"  # the best trial's detailed holdout scores
 STUDY_HOLDOUT_TOP = "holdout_top"  # holdout summary per top trial number (str)
+STUDY_REFIT = "refit"  # the refit model: source trial, settings, train samples, holdout scores, files
 
 # Trial user attrs.
 TRIAL_HISTORY = "history"  # one dict per epoch (train.EpochRecord)
@@ -34,9 +35,38 @@ TRIAL_CHECKPOINT = "checkpoint"  # path; the file is deleted when the trial leav
 TRIAL_FEATURE_CACHE = "feature_cache"
 TRIAL_ERROR = "error"
 
+# How the study's answers were reached: the pruning rule, the starting design, run-time defaults.
+STUDY_PRUNING = "pruning"  # one line: how trials were compared and when they could be pruned
+STUDY_EFFECTIVE_SETTINGS = "effective_settings"  # backbone-dependent [train] keys: key -> {value, source}
+TRIAL_DESIGN = "design"  # {"depth", "round"} of a starting-design trial; absent on sampled trials
+TRIAL_EFFECTIVE_SETTINGS = "effective_settings"  # backbone-dependent [train] keys as this trial trained
+
+# The training regime (DESIGN decision 7; ``images.batches.Views.describe``): views, augmentation,
+# crop ranges, the views' seed; a trial's also says where its frozen activations were (``cache``:
+# gpu, host or none), set when it starts, so pruned and failed trials carry it too.
+STUDY_REGIME = "regime"  # the study's regime: every trial trains on these views, cached or not
+TRIAL_REGIME = "regime"  # this trial's regime plus ``cache``
+
 
 def fmt_param(value) -> str:
     """A parameter value as people read it: 3 significant digits, small rates in e-notation."""
     if isinstance(value, float):
         return f"{value:.2e}" if abs(value) < 1e-2 and value != 0 else f"{value:.3g}"
     return "—" if value is None else str(value)
+
+
+# Holdout images never scored because a pool image holds the same bytes (``DecodedData.holdout_rows``):
+# keys of the dataset summary (STUDY_DATASET) and, the counts, of the best trial's holdout scores (STUDY_HOLDOUT).
+HOLDOUT_SCORED = "holdout_scored"  # holdout images scored
+HOLDOUT_COPIES = "holdout_copies"  # holdout images excluded as copies of training (pool) images
+HOLDOUT_COPY_FILES = "holdout_copy_files"  # [holdout file, pool file it copies], the first few (study.dataset)
+
+# Ranking on common ground and the confirmation stage (DESIGN decision 7; ``study.ranking``, ``study.confirm``).
+STUDY_COMMON_SUBSET = "common_subset"  # {"train_ratio", "rows", "metric"}: the validation rows every trial is ranked on
+STUDY_CONFIRM = "confirmation"  # the confirmation summary: per depth and per sweep ratio, n, mean and 95% interval
+TRIAL_COMMON_VAL = "common_val"  # the objective's metric on the common validation subset (ranks the trials)
+TRIAL_CONFIRM = "confirm"  # a confirmation run's plan entry: {"depth", "seed", "train_ratio", "source"}
+TRIAL_SWEEP_VAL = "sweep_val"  # a confirmation run's metric on the learning-curve sweep's common subset
+TRIAL_HOLDOUT_ACCURACY = "holdout_accuracy"  # a confirmation run's accuracy on the scored holdout rows
+#: The confirmation runs are trials of a sibling study in the same storage: ``<study>-confirm``.
+CONFIRM_SUFFIX = "-confirm"

@@ -14,9 +14,8 @@ from .. import runtime
 from ..config import StudyConfig
 from ..images.batches import DeviceData
 from ..model import load_checkpoint
-from ..splits import make_splits
 from ..train import evaluate
-from . import attrs
+from . import attrs, ranking
 from .attrs import fmt_param
 from .dataset import DecodedData
 from .objective import checkpoint_dir, drop_checkpoint
@@ -25,24 +24,33 @@ log = logging.getLogger(__name__)
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The best ``k`` complete trials, ranked on the common validation subset (``ranking``)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return sorted(done, key=lambda t: (-t.value, t.number))[:k]
+    return ranking.rank(done, k)
 
 
-def score_holdout(study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, device: str | None = None) -> dict | None:
+def score_holdout(
+    study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, device: str | None = None
+) -> dict | None:
     """Score the best trials' kept checkpoints on the holdout; prune the checkpoints to policy.
 
     Each top trial gets a ``holdout`` summary attribute; the best one's full scores
-    (confusion matrix, per-class report, misclassified examples) go to the study's
-    ``holdout`` attribute. Returns those full scores, or None without a scorable trial.
+    (confusion matrix, per-class report, misclassified examples, how many holdout images were
+    scored and how many left out as copies of training images) go to the study's ``holdout``
+    attribute. Returns those full scores, or None without a scorable trial.
+
+    Only ``dataset.holdout_rows(cfg).scored`` is scored: copies of pool images are left out.
     """
     from ..metrics import top_confused_pairs
 
     dev = runtime.select_device(device or cfg.study.device)
     cache = dataset.cache
-    splits = make_splits(cache, cfg.train.train_ratio, cfg.data.holdout_fraction, cfg.data.split_seed)
-    if len(splits.holdout) == 0:
-        log.warning("the study has no holdout (holdout_fraction = 0 and no test/ folder); skipping holdout scores")
+    rows = dataset.holdout_rows(cfg)
+    if len(rows.scored) == 0:
+        if len(rows.copies):
+            log.warning("every holdout image is a copy of a training image; skipping holdout scores")
+        else:
+            log.warning("the study has no holdout (holdout_fraction = 0 and no test/ folder); skipping holdout scores")
         return None
     data = DeviceData(cache, dev)
     # Earlier runs' scores stay: their checkpoints may be gone, their results are not.
@@ -53,7 +61,7 @@ def score_holdout(study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, d
         if not path or not Path(path).is_file():
             continue
         model, _ = load_checkpoint(path, dev)
-        result = evaluate(model, data, splits.holdout, dev)
+        result = evaluate(model, data, rows.scored, dev)
         scores = result.scores(cache.num_classes)
         summaries[str(trial.number)] = scores.summary()
         if best_detail is None:
@@ -63,10 +71,17 @@ def score_holdout(study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, d
             best_detail = {
                 "trial": trial.number,
                 "rank": rank,
+                attrs.HOLDOUT_SCORED: len(rows.scored),
+                attrs.HOLDOUT_COPIES: len(rows.copies),
                 **scores.to_dict(),
                 "confused_pairs": top_confused_pairs(scores.confusion, cache.class_names, 20),
                 "misclassified": [
-                    {"row": int(splits.holdout[i]), "true": int(result.labels[i]), "pred": int(pred[i]), "p": float(result.probs[i, pred[i]])}
+                    {
+                        "row": int(rows.scored[i]),
+                        "true": int(result.labels[i]),
+                        "pred": int(pred[i]),
+                        "p": float(result.probs[i, pred[i]]),
+                    }
                     for i in wrong[:200]
                 ],
             }
@@ -95,11 +110,16 @@ def results_table(study: optuna.Study, k: int = 10) -> list[dict]:
     holdout = study.user_attrs.get(attrs.STUDY_HOLDOUT_TOP, {})
     for t in top_trials(study, k):
         hold = holdout.get(str(t.number)) or {}
-        rows.append({
-            "trial": t.number,
-            **{k_: fmt_param(v) for k_, v in t.params.items()},
-            "val": round(t.value, 4),
-            "holdout_acc": round(hold["accuracy"], 4) if hold else None,
-            "seconds": round(t.user_attrs.get(attrs.TRIAL_TRAIN_SECONDS, 0.0), 1),
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                **{k_: fmt_param(v) for k_, v in t.params.items()},
+                "val": round(t.value, 4),
+                "common_val": None
+                if ranking.common_value(t.user_attrs) is None
+                else round(ranking.common_value(t.user_attrs), 4),
+                "holdout_acc": round(hold["accuracy"], 4) if hold else None,
+                "seconds": round(t.user_attrs.get(attrs.TRIAL_TRAIN_SECONDS, 0.0), 1),
+            }
+        )
     return rows

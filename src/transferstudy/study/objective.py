@@ -7,25 +7,36 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from .. import runtime
-from ..config import StudyConfig
+from ..config import BACKBONE_DEFAULTS, StudyConfig
+from ..images.batches import DeviceData
+from ..metrics import macro_f1
 from ..model import save_checkpoint
-from ..train import EpochRecord, NonFiniteLossError
-from ..trial import TrialRunner
-from . import attrs
+from ..splits import common_validation
+from ..train import EpochRecord, NonFiniteLossError, evaluate
+from ..trial import TrialOutcome, TrialRunner
+from . import attrs, ranking
 from .attrs import FINISHED
 from .dataset import DecodedData
-from .space import suggest
+from .design import taken_by
+from .pruning import report_epoch
+from .space import largest_train_ratio, max_epochs, suggest
 
 log = logging.getLogger(__name__)
 
 
+#: The error of a refused trial (a surplus one, or a second copy of a design entry) starts so.
+SURPLUS = "surplus"
+
+
 class SurplusTrial(Exception):
-    """Another worker already started the last trial the study needs."""
+    """A trial the study does not need: other workers already started the last trial the study
+    needs, or already hold this trial's design entry."""
 
 
 class Objective:
@@ -39,38 +50,40 @@ class Objective:
         self.cfg, self.dataset, self.device = cfg, dataset, device
         # Weights are obtained once, before any trial: unusable weights end the run at once
         # with their own error instead of failing every trial.
-        self.runner = TrialRunner(
-            dataset.cache,
-            cfg.train.weights,
-            device,
-            cfg.data.holdout_fraction,
-            cfg.data.split_seed,
-            feature_dir=Path(cfg.data.cache_dir) / "features",
-            init_seed=cfg.train.train_seed,
-        )
+        self.runner = study_runner(cfg, dataset, device, cfg.train.weights)
         self.weights = self.runner.weights
+        self.longest = max_epochs(cfg)
+        ratio = largest_train_ratio(cfg)
+        self.common_rows = common_validation(dataset.cache, ratio, cfg.data.holdout_fraction, cfg.data.split_seed)
+        #: The study attr ``common_subset``: what the trials are ranked on.
+        self.common_subset = {"train_ratio": ratio, "rows": len(self.common_rows), "metric": cfg.study.objective}
+        #: The study attr ``regime``: the views every trial trains on (written by the first trial started here).
+        self.regime = self.runner.regime(cfg.train).describe()
+        self._regime_stored = False
 
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
         _refuse_surplus(trial, self.cfg.study.n_trials)
-        settings = suggest(trial, self.cfg)
+        settings = suggest(trial, self.cfg).for_backbone(self.weights.pretrained)
         history: list[dict] = []
-        metric = "val_f1" if self.cfg.study.objective == "val_macro_f1" else "val_acc"
+        metric = record_metric(self.cfg.study.objective)
 
-        def on_start(splits) -> None:
-            _set_attrs(trial, {
-                attrs.TRIAL_DEVICE: runtime.describe(self.device),
-                attrs.TRIAL_WEIGHTS: self.weights.used,
-                attrs.TRIAL_SPLIT_SIZES: splits.sizes(),
-            })
+        def on_start(splits, regime: dict) -> None:
+            self._store_regime(trial)
+            _set_attrs(
+                trial,
+                {
+                    attrs.TRIAL_REGIME: regime,
+                    attrs.TRIAL_DEVICE: runtime.describe(self.device),
+                    attrs.TRIAL_WEIGHTS: self.weights.used,
+                    attrs.TRIAL_SPLIT_SIZES: splits.sizes(),
+                    attrs.TRIAL_EFFECTIVE_SETTINGS: {key: getattr(settings, key) for key in BACKBONE_DEFAULTS},
+                },
+            )
 
         def on_epoch_end(record: EpochRecord) -> bool:
             history.append(vars(record).copy())
             _set_attrs(trial, {attrs.TRIAL_HISTORY: history})
-            value = getattr(record, metric)
-            if isinstance(trial, optuna.Trial):
-                trial.report(value, record.epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {record.epoch} ({metric} {value:.4f})")
+            report_epoch(trial, getattr(record, metric), record.epoch, settings, self.longest)
             return False
 
         started = time.perf_counter()
@@ -88,18 +101,27 @@ class Objective:
             cache_info = {"views_built": sum(features.built), "build_seconds": features.build_seconds}
             _set_attrs(trial, {attrs.TRIAL_FEATURE_CACHE: cache_info})
         final = result.final
-        _set_attrs(trial, {
-            attrs.TRIAL_VAL_ACCURACY: final.val_acc,
-            attrs.TRIAL_VAL_MACRO_F1: final.val_f1,
-            attrs.TRIAL_IMAGES_PER_S: result.images_per_s,
-            attrs.TRIAL_BEST_EPOCH: result.best_epoch,
-        })
+        _set_attrs(
+            trial,
+            {
+                attrs.TRIAL_VAL_ACCURACY: final.val_acc,
+                attrs.TRIAL_VAL_MACRO_F1: final.val_f1,
+                attrs.TRIAL_IMAGES_PER_S: result.images_per_s,
+                attrs.TRIAL_BEST_EPOCH: result.best_epoch,
+                attrs.TRIAL_COMMON_VAL: subset_score(outcome, self.runner.data, self.common_rows, metric, self.device),
+            },
+        )
         value = getattr(final, metric)
         if not math.isfinite(value):
             raise NonFiniteLossError(f"validation {metric} is {value}: the validation split is empty")
         if isinstance(trial, optuna.Trial) and self.cfg.study.keep_checkpoints != "none":
             self._keep_checkpoint(trial, outcome.model, value)
         return value
+
+    def _store_regime(self, trial: optuna.trial.BaseTrial) -> None:
+        if isinstance(trial, optuna.Trial) and not self._regime_stored:
+            trial.study.set_user_attr(attrs.STUDY_REGIME, self.regime)
+            self._regime_stored = True
 
     def _keep_checkpoint(self, trial: optuna.Trial, model, value: float) -> None:
         """Save this trial's model while it ranks among the top ``report_top_k``.
@@ -109,18 +131,74 @@ class Objective:
         """
         k = self.cfg.study.report_top_k
         done = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-        ranked = sorted([(t.value, -t.number, t) for t in done] + [(value, -trial.number, None)], key=lambda r: r[:2], reverse=True)
+        mine = trial.user_attrs
+        common = (
+            ranking.on_common_subset(done) and ranking.common_value(mine) is not None
+        )  # ranked as ``ranking.rank`` does
+        score = lambda value, user_attrs: ranking.ranking_value(value, user_attrs, common)  # noqa: E731
+        ranked = sorted(
+            [(score(t.value, t.user_attrs), -t.number, t) for t in done] + [(score(value, mine), -trial.number, None)],
+            key=lambda r: r[:2],
+            reverse=True,
+        )
         keep_all = self.cfg.study.keep_checkpoints == "all"
         if not keep_all and all(r[2] is not None for r in ranked[:k]):
             return
         cache = self.dataset.cache
         path = checkpoint_dir(self.cfg) / f"trial_{trial.number:04d}.pt"
-        save_checkpoint(path, model, cache.class_names, cache.image_size, cache.resize_mode, {"trial": trial.number, "params": trial.params})
+        save_checkpoint(
+            path,
+            model,
+            cache.class_names,
+            cache.image_size,
+            cache.resize_mode,
+            {"trial": trial.number, "params": trial.params},
+        )
         trial.set_user_attr(attrs.TRIAL_CHECKPOINT, str(path))
         if not keep_all:
             for _, _, old in ranked[k:]:
                 if old is not None:
                     drop_checkpoint(old)
+
+
+def study_runner(cfg: StudyConfig, dataset: DecodedData, device: torch.device, weights: str) -> TrialRunner:
+    """The ``TrialRunner`` of the study's trials: its splits, its feature cache, its backbone seed."""
+    return TrialRunner(
+        dataset.cache,
+        weights,
+        device,
+        cfg.data.holdout_fraction,
+        cfg.data.split_seed,
+        feature_dir=Path(cfg.data.cache_dir) / "features",
+        init_seed=cfg.train.train_seed,
+    )
+
+
+def record_metric(objective: str) -> str:
+    """The ``EpochRecord`` field of a study objective (val_accuracy -> val_acc, val_macro_f1 -> val_f1)."""
+    return "val_f1" if objective == "val_macro_f1" else "val_acc"
+
+
+def subset_score(
+    outcome: TrialOutcome, data: DeviceData, rows: np.ndarray, metric: str, device: torch.device
+) -> float | None:
+    """The trained network's ``metric`` (val_acc or val_f1) on ``rows`` of the pool, computed as its
+    own validation is (centre view, the same frozen-activation cache); None without rows.
+
+    Raises:
+        RuntimeError: the run trained on some of ``rows`` (they would not measure anything).
+    """
+    if len(rows) == 0:
+        return None
+    if np.intersect1d(rows, outcome.splits.train).size:
+        raise RuntimeError(
+            f"{np.intersect1d(rows, outcome.splits.train).size} scored rows are training rows of this run"
+        )
+    s = outcome.settings
+    result = evaluate(outcome.model, data, rows, device, s.eval_batch_size, s.autocast, outcome.features)
+    if metric == "val_acc":
+        return result.accuracy
+    return macro_f1(result.labels, result.probs.argmax(1), outcome.model.num_classes)
 
 
 def drop_checkpoint(trial: optuna.trial.FrozenTrial) -> None:
@@ -136,15 +214,29 @@ def _set_attrs(trial: optuna.trial.BaseTrial, values: dict) -> None:
 
 
 def _refuse_surplus(trial: optuna.trial.BaseTrial, n_trials: int) -> None:
-    """With several workers, the trial numbered past ``n_trials`` finished-or-running trials fails at once."""
+    """With several workers, the trial numbered past ``n_trials`` finished-or-running trials fails
+    at once (and this worker stops); so does a second copy of a design entry."""
     if not isinstance(trial, optuna.Trial):
         return
     others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
     ahead = sum(1 for t in others if t.number < trial.number)
     if ahead >= n_trials:
         trial.study.stop()
-        trial.set_user_attr(attrs.TRIAL_ERROR, f"surplus: the study already has {n_trials} finished or running trials")
-        raise SurplusTrial(f"the study already has {n_trials} finished or running trials")
+        refuse(trial, f"the study already has {n_trials} finished or running trials")
+    holder = taken_by(trial)
+    if holder is not None:
+        refuse(trial, f"trial #{holder} already has design entry {trial.user_attrs[attrs.TRIAL_DESIGN]}")
+
+
+def refuse(trial: optuna.Trial, reason: str) -> None:
+    """Fail ``trial`` before it trains, as a refused one (``is_refused``)."""
+    trial.set_user_attr(attrs.TRIAL_ERROR, f"{SURPLUS}: {reason}")
+    raise SurplusTrial(reason)
+
+
+def is_refused(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial failed as a surplus one: it never trained, and says nothing about the study."""
+    return str(trial.user_attrs.get(attrs.TRIAL_ERROR, "")).startswith(SURPLUS)
 
 
 def checkpoint_dir(cfg: StudyConfig) -> Path:

@@ -1,10 +1,11 @@
-"""Running a study: storage, sampler, pruner, resume, stale trials of dead workers, progress."""
+"""Running a study: storage, sampler, pruner, starting design, resume, stale trials of dead workers, progress."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -12,14 +13,19 @@ import torch
 from optuna.trial import TrialState
 
 from .. import runtime
-from ..config import StudyConfig
+from ..config import BACKBONE_DEFAULTS, StudyConfig
 from ..model import build_model
 from ..train import NonFiniteLossError
-from . import attrs
+from . import attrs, ranking
 from .attrs import FINISHED, fmt_param
 from .dataset import DecodedData, decode_dataset, open_index
-from .objective import Objective, SurplusTrial
-from .space import max_epochs
+from .design import enqueue_design
+from .objective import Objective, SurplusTrial, is_refused
+from .pruning import build_pruner, describe_pruning
+
+# Heartbeats, stale-trial retries, multivariate TPE and the importance plot are Optuna features
+# marked experimental; they are used knowingly, so their notices are not the user's business.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,9 @@ def create_storage(url: str, heartbeat_s: int = 30) -> optuna.storages.BaseStora
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
     except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use this URL"
-        raise ValueError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise ValueError(
+            f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def build_sampler(cfg: StudyConfig, existing_trials: int = 0) -> optuna.samplers.BaseSampler:
@@ -61,17 +69,6 @@ def build_sampler(cfg: StudyConfig, existing_trials: int = 0) -> optuna.samplers
         return optuna.samplers.RandomSampler(seed=seed)
     startup = max(3, min(10, cfg.study.n_trials // 3))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
-
-
-def build_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    if cfg.study.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if cfg.study.pruner == "hyperband":
-        # max_resource fixed to the epochs upper bound: "auto" misbehaves when epochs vary.
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_epochs(cfg)), reduction_factor=3)
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=3, n_warmup_steps=cfg.study.pruner_warmup_epochs, n_min_trials=3
-    )
 
 
 def open_study(cfg: StudyConfig) -> optuna.Study:
@@ -101,15 +98,28 @@ def _progress_callback(cfg: StudyConfig):
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         finished = count_finished(study)
         params = " ".join(f"{k}={fmt_param(v)}" for k, v in trial.params.items())
+        params += " (starting design)" if trial.user_attrs.get(attrs.TRIAL_DESIGN) is not None else ""
         detail = {
             TrialState.COMPLETE: lambda: f"{cfg.study.objective} {trial.value:.4f}",
             TrialState.PRUNED: lambda: f"pruned at epoch {len(trial.user_attrs.get(attrs.TRIAL_HISTORY, []))}",
             TrialState.FAIL: lambda: f"failed: {trial.user_attrs.get(attrs.TRIAL_ERROR, 'see the log above')}",
         }.get(trial.state, lambda: trial.state.name)()
         seconds = trial.user_attrs.get(attrs.TRIAL_TRAIN_SECONDS, 0.0)
-        best = f"best {study.best_value:.4f} (#{study.best_trial.number})" if finished and _has_complete(study) else "no complete trial yet"
-        log.info("trial %d [%d/%d finished] %s -> %s in %.0f s; %s", trial.number, finished, cfg.study.n_trials, params, detail, seconds, best)
-        failures["in_a_row"] = failures["in_a_row"] + 1 if trial.state == TrialState.FAIL else 0
+        best = _best_text(study)
+        log.info(
+            "trial %d [%d/%d finished] %s -> %s in %.0f s; %s",
+            trial.number,
+            finished,
+            cfg.study.n_trials,
+            params,
+            detail,
+            seconds,
+            best,
+        )
+        if trial.state != TrialState.FAIL:
+            failures["in_a_row"] = 0
+        elif not is_refused(trial):  # a refused trial never trained: it neither breaks nor extends a streak
+            failures["in_a_row"] += 1
         if failures["in_a_row"] >= MAX_CONSECUTIVE_FAILURES:
             log.error("%d trials failed in a row; stopping the study (see the errors above)", MAX_CONSECUTIVE_FAILURES)
             study.stop()
@@ -121,16 +131,22 @@ def _progress_callback(cfg: StudyConfig):
 
 def _raise_if_failing(study: optuna.Study) -> None:
     """A run that ended on a streak of failed trials is an error, not a finished study."""
-    last = study.get_trials(deepcopy=False)[-MAX_CONSECUTIVE_FAILURES:]
+    last = [t for t in study.get_trials(deepcopy=False) if not is_refused(t)][-MAX_CONSECUTIVE_FAILURES:]
     if len(last) == MAX_CONSECUTIVE_FAILURES and all(t.state == TrialState.FAIL for t in last):
         reason = last[-1].user_attrs.get(attrs.TRIAL_ERROR, "see the log")
-        raise RuntimeError(f"study {study.study_name!r} stopped: {MAX_CONSECUTIVE_FAILURES} trials failed in a row (last: {reason})")
+        raise RuntimeError(
+            f"study {study.study_name!r} stopped: {MAX_CONSECUTIVE_FAILURES} trials failed in a row (last: {reason})"
+        )
 
 
-def _has_complete(study: optuna.Study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-
+def _best_text(study: optuna.Study) -> str:
+    """The best trial so far as the ranking sees it (``ranking``: on the common validation subset)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return "no complete trial yet"
+    best = ranking.rank(done, 1)[0]
+    where = "on the common validation subset" if ranking.on_common_subset(done) else "on its validation split"
+    return f"best #{best.number}: {ranking.ranking_key(done)(best):.4f} {where}"
 
 
 def preflight(cfg: StudyConfig) -> None:
@@ -164,8 +180,17 @@ def run_study(
     if remaining <= 0:
         log.info("study %r already has %d finished trials; nothing to run", cfg.study.name, count_finished(study))
         return study
-    log.info("study %r: %d trial(s) to run on %s (storage %s)", cfg.study.name, remaining, runtime.describe(dev), cfg.study.storage)
+    log.info(
+        "study %r: %d trial(s) to run on %s (storage %s)",
+        cfg.study.name,
+        remaining,
+        runtime.describe(dev),
+        cfg.study.storage,
+    )
     objective = Objective(cfg, dataset, dev)
+    study.set_user_attr(attrs.STUDY_EFFECTIVE_SETTINGS, effective_settings(cfg, objective.weights.pretrained))
+    study.set_user_attr(attrs.STUDY_COMMON_SUBSET, objective.common_subset)
+    enqueue_design(study, cfg)
     study.optimize(
         objective,
         n_trials=2 * remaining + MAX_CONSECUTIVE_FAILURES,  # failed trials are replaced; the callback stops at n_trials
@@ -201,20 +226,41 @@ def _fail_stale_trials(study: optuna.Study, cfg: StudyConfig, poll_s: float = 0.
         if not told:
             log.info(
                 "study %r: %d finished, %d running elsewhere; waiting up to %ds for a killed worker's trial to go stale",
-                cfg.study.name, finished, running, 2 * cfg.study.heartbeat_s,
+                cfg.study.name,
+                finished,
+                running,
+                2 * cfg.study.heartbeat_s,
             )
             told = True
         time.sleep(poll_s)
 
 
-def _record_run(study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, dev: torch.device, command: str | None) -> None:
+def _record_run(
+    study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, dev: torch.device, command: str | None
+) -> None:
     cfg.result_dir.mkdir(parents=True, exist_ok=True)
     (cfg.result_dir / "config.json").write_text(cfg.to_json())
     (cfg.result_dir / "config.toml").write_text(cfg.to_toml())
     study.set_user_attr(attrs.STUDY_CONFIG, cfg.to_dict())
     study.set_user_attr(attrs.STUDY_DATASET, dataset.summary(cfg))
+    study.set_user_attr(attrs.STUDY_PRUNING, describe_pruning(cfg))
     if command:
         study.set_user_attr(attrs.STUDY_COMMAND, command)
     runs = list(study.user_attrs.get(attrs.STUDY_RUNS, []))
     runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": runtime.describe(dev), "argv": sys.argv})
     study.set_user_attr(attrs.STUDY_RUNS, runs[-50:])
+
+
+def effective_settings(cfg: StudyConfig, pretrained: bool) -> dict:
+    """The backbone-dependent ``[train]`` keys as this study trains them: key -> value and source."""
+    resolved = cfg.train.for_backbone(pretrained)
+    backbone = "a pretrained" if pretrained else "a randomly initialised"
+    settings = {}
+    for key in BACKBONE_DEFAULTS:
+        if key in cfg.search.space:
+            settings[key] = {"value": cfg.search.space[key], "source": "searched"}
+        elif getattr(cfg.train, key) is None:
+            settings[key] = {"value": getattr(resolved, key), "source": f"default for {backbone} backbone"}
+        else:
+            settings[key] = {"value": getattr(resolved, key), "source": "study file"}
+    return settings

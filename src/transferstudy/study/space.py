@@ -28,3 +28,14 @@ def max_epochs(cfg: StudyConfig) -> int:
     """The most epochs any trial of the study can plan."""
     spec = cfg.search.space.get("epochs")
     return int(spec[1]) if spec else cfg.train.epochs
+
+
+def largest_train_ratio(cfg: StudyConfig) -> float:
+    """The largest train_ratio any trial of the study can draw (its validation split is the common subset)."""
+    spec = cfg.search.space.get("train_ratio")
+    return float(spec[1]) if spec else cfg.train.train_ratio
+
+
+def searched_depths(cfg: StudyConfig) -> list[int]:
+    """The unfreeze depths the study searches (the fixed one when depth is not searched)."""
+    return list(cfg.search.space.get("unfreeze_depth", [cfg.train.unfreeze_depth]))
