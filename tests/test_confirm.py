@@ -4,7 +4,6 @@ trials ranked on it, and the best setting of each depth retrained with several s
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,26 +211,3 @@ def test_learning_curve_sweep_scores_rows_no_run_trained_on(confirmed, monkeypat
     assert at_09 and all(
         t.user_attrs[attrs.TRIAL_COMMON_VAL] is None for t in at_09
     )  # it trained on part of 0.8's split
-
-
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() below stands in for a worker that dies
-def test_a_killed_confirmation_run_is_retried_once(confirmed, monkeypatch):
-    c = confirmed
-    monkeypatch.chdir(c.cfg.result_dir.parent)
-    cfg = c.cfg.with_overrides(
-        study={"heartbeat_s": 1}, confirm={"seeds": 3, "depths": [0]}
-    )  # one new run: depth 0, seed 3
-    storage = study_mod.create_storage(cfg.study.storage, heartbeat_s=1)
-    confirm = optuna.load_study(study_name="tiny-confirm", storage=storage)
-    dead = confirm.ask()
-    entry = {"depth": 0, "seed": 3, "train_ratio": 0.8, "source": c.summary["depths"][0]["source_trial"]}
-    dead.set_user_attr(attrs.TRIAL_CONFIRM, entry)
-    storage.record_heartbeat(dead._trial_id)
-    time.sleep(2.5)  # the heartbeat goes stale: the worker is gone
-    fits = _spy_fits(monkeypatch)
-    summary = study_mod.confirm_study(c.study, cfg, c.dataset)
-    assert len(fits) == 1 and summary["depths"][0]["metric"]["n"] == 3
-    runs = optuna.load_study(study_name="tiny-confirm", storage=cfg.study.storage).trials
-    assert runs[dead.number].state == TrialState.FAIL
-    retried = [t for t in runs if t.user_attrs.get(attrs.TRIAL_CONFIRM) == entry and t.state == TrialState.COMPLETE]
-    assert len(retried) == 1 and retried[0].system_attrs.get("failed_trial") == dead.number
