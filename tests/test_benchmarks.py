@@ -23,7 +23,7 @@ def _run(args: list[str], timeout: int = 300) -> str:
 
 
 def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
-    out = _run(
+    out = _run(  # 48 trainings and the compute floor: minutes on 2 loaded cores
         [
             "benchmarks/bench_study.py",
             "--out",
@@ -46,7 +46,8 @@ def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
             "0",
             "--device",
             "cpu",
-        ]
+        ],
+        timeout=900,
     )
     assert "## median over 2 runs" in out and "## compute floor" in out
     result = json.loads((tmp_path / "bench_study.json").read_text())
