@@ -56,11 +56,8 @@ def run_setting(views: int, args, cache: ImageCache, data: DeviceData, device: t
     a depth's first trial pays for building its views."""
     if views:
         regime = {"feature_views": views, "feature_memory_fraction": 0.6}
-    else:
-        regime = {
-            "feature_views": min(args.epochs, 64),
-            "feature_memory_fraction": 0.0,
-        }  # 64: the most feature_views allows
+    else:  # a view per epoch, so none repeats (64: the most feature_views allows)
+        regime = {"feature_views": min(args.epochs, 64), "feature_memory_fraction": 0.0}
     out = []
     for seed in range(args.seeds):
         settings = TrainSection(

@@ -440,7 +440,6 @@ def test_flow_cli_rebuilds_the_report_from_storage(tiny_study, prefect_server, t
         "PREFECT_API_URL": prefect_server,
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    env.pop("PREFECT_API_URL", None)
     done = subprocess.run(
         [sys.executable, "-m", "flows.report", "--study", name, "--storage", url, "--out", str(out)],
         cwd=tmp_path,
