@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,7 @@ def _run(args: list[str], timeout: int = 300) -> str:
     return done.stdout
 
 
+@pytest.mark.timeout(960)  # above the subprocess's own 900 s limit
 def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
     out = _run(  # 48 trainings and the compute floor: minutes on 2 loaded cores
         [
