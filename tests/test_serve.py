@@ -74,7 +74,9 @@ def _quick_run_logs(api: str, deployment_id, proc: subprocess.Popen, seconds: fl
             assert time.time() < deadline, f"the run did not finish within {seconds} s ({state.name})"
             time.sleep(1)
         assert state.is_completed(), state
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200)
+        logs, flow_filter = [], LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+        while page := client.read_logs(log_filter=flow_filter, limit=200, offset=len(logs)):  # every page
+            logs += page
     return [entry.message for entry in logs]
 
 
