@@ -8,21 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from transferstudy.config import TrainSection
-from transferstudy.datasets import scan_folders
 from transferstudy.features import FeatureStore, estimate_bytes
-from transferstudy.images import Augment, DeviceData, Views, load_cache
+from transferstudy.images import Augment, DeviceData, Views
 from transferstudy.model import build_model, trainable_parameter_names
-from transferstudy.splits import holdout_indices, make_splits
+from transferstudy.splits import make_splits
 from transferstudy.train import _train_logits, evaluate, fit
-
-
-@pytest.fixture
-def tiny(make_dataset, cache_dir, cpu):
-    cache = load_cache(
-        scan_folders(make_dataset(num_classes=3, per_class=8, size=32)), 32, cache_dir, show_progress=False
-    )
-    pool, _ = holdout_indices(cache, 0.0, 0)
-    return cache, DeviceData(cache, cpu), pool
 
 
 def _views(count: int, aug: Augment | None = None, seed: int = 0) -> Views:

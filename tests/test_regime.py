@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import optuna
-import pytest
 import torch
 import torchvision
 from helpers import tiny_config
@@ -19,11 +18,9 @@ from helpers import tiny_config
 import transferstudy.features as features_mod
 from transferstudy import study as study_mod
 from transferstudy.config import TrainSection
-from transferstudy.datasets import scan_folders
 from transferstudy.features import FeatureStore
-from transferstudy.images import Augment, DeviceData, Views, load_cache
+from transferstudy.images import Augment, DeviceData, Views
 from transferstudy.model import build_model
-from transferstudy.splits import holdout_indices
 from transferstudy.study import objective as objective_mod
 from transferstudy.trial import TrialRunner
 
@@ -32,15 +29,6 @@ V = 4
 SETTINGS = TrainSection(
     weights="none", epochs=V, lr=1e-3, batch_size=8, train_ratio=0.75, augment=True, feature_views=V
 )
-
-
-@pytest.fixture
-def tiny(make_dataset, cache_dir, cpu):
-    cache = load_cache(
-        scan_folders(make_dataset(num_classes=3, per_class=8, size=32)), 32, cache_dir, show_progress=False
-    )
-    pool, _ = holdout_indices(cache, 0.0, 0)
-    return cache, DeviceData(cache, cpu), pool
 
 
 def record_stem(model, only_training: bool = False) -> list[torch.Tensor]:

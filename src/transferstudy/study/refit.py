@@ -39,10 +39,10 @@ from ..metrics import ClassificationScores, score, top_confused_pairs
 from ..model import STAGE_NAMES, TransferNet, save_checkpoint
 from ..splits import HoldoutRows, Splits
 from ..train import evaluate
-from ..trial import TrialRunner
 from . import attrs
 from .dataset import DecodedData
 from .holdout import top_trials
+from .objective import study_runner
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,7 @@ def refit_best(study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, devi
     dev = runtime.select_device(device or cfg.study.device)
     runtime.configure(dev)
     rows = dataset.holdout_rows(cfg)  # the pool, and the holdout to score (less its copies of pool images)
-    runner = TrialRunner(
-        cache,
-        weights,
-        dev,
-        cfg.data.holdout_fraction,
-        cfg.data.split_seed,
-        feature_dir=Path(cfg.data.cache_dir) / "features",
-        init_seed=cfg.train.train_seed,
-    )
+    runner = study_runner(cfg, dataset, dev, weights)  # the same runner setup as the search's trials
     log.info(
         "refit: trial #%d's settings on all %d pool images, %d epoch(s), seed %d",
         trial.number,
