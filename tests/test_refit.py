@@ -116,7 +116,7 @@ def test_model_folder_is_exported_with_its_description(refitted):
 
 
 def test_resumed_study_does_not_refit_twice(refitted, monkeypatch):
-    monkeypatch.setattr(refit_mod.TrialRunner, "run_trial", _no_training)
+    monkeypatch.setattr(trial_mod.TrialRunner, "run_trial", _no_training)
     again = study_mod.refit_best(refitted.study, refitted.cfg, refitted.dataset)
     assert again == refitted.study.user_attrs["refit"]
     # Another [refit] seed is another model: it trains again.
@@ -125,7 +125,7 @@ def test_resumed_study_does_not_refit_twice(refitted, monkeypatch):
 
 
 def test_disabled_refit_is_skipped(refitted, monkeypatch):
-    monkeypatch.setattr(refit_mod.TrialRunner, "run_trial", _no_training)
+    monkeypatch.setattr(trial_mod.TrialRunner, "run_trial", _no_training)
     off = refitted.cfg.with_overrides(refit={"enabled": False})
     assert study_mod.refit_best(refitted.study, off, refitted.dataset) is None
 

@@ -22,7 +22,12 @@ def test_served_deployment_carries_the_study_and_logs_the_engine(prefect_server,
     form in the UI; no study file needed where it runs), and a run started from the server
     (a UI Quick run) whose flow-run logs hold the engine's progress lines."""
     api = prefect_server
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # pick the run up within a second, not ten
+    }
     toml = write_toml(tmp_path / "tiny.toml", tiny_raw(tmp_path, study={"n_trials": 1}, search={"epochs": [1, 1]}))
     served = None
     try:
@@ -51,7 +56,7 @@ def test_served_deployment_carries_the_study_and_logs_the_engine(prefect_server,
         schema = json.dumps(deployment.parameter_openapi_schema)
         assert '"n_trials"' in schema and '"minimum": 1' in schema and '"unfreeze_depth"' in schema  # a validated form
         toml.unlink()  # the run below needs no study file
-        logs = _quick_run_logs(api, deployment.id, served)
+        logs = _quick_run_logs(api, deployment.id, served, "report of study 'tiny' written to")
         assert any(line.startswith("trial 0 [") for line in logs), logs
         assert any(line.startswith("report of study 'tiny' written to") for line in logs), logs
     finally:
@@ -59,9 +64,10 @@ def test_served_deployment_carries_the_study_and_logs_the_engine(prefect_server,
             stop(served)
 
 
-def _quick_run_logs(api: str, deployment_id, proc: subprocess.Popen, seconds: float = 300) -> list[str]:
+def _quick_run_logs(api: str, deployment_id, proc: subprocess.Popen, last_line: str, seconds: float = 300) -> list[str]:
     """Start a run of the deployment through the server (what the UI's Quick run does), wait
-    for it to finish, and return its flow-run log messages from the server's logs API."""
+    for it to finish, and return its flow-run log messages from the server's logs API once the
+    one starting with ``last_line`` has arrived (or the time is up)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -74,10 +80,17 @@ def _quick_run_logs(api: str, deployment_id, proc: subprocess.Popen, seconds: fl
             assert time.time() < deadline, f"the run did not finish within {seconds} s ({state.name})"
             time.sleep(1)
         assert state.is_completed(), state
-        logs, flow_filter = [], LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
-        while page := client.read_logs(log_filter=flow_filter, limit=200, offset=len(logs)):  # every page
-            logs += page
-    return [entry.message for entry in logs]
+        # The run's last lines reach the server in the log handler's next batch, which can come
+        # after the run's final state: read every page until the report's line is there.
+        flow_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+        while True:
+            logs = []
+            while page := client.read_logs(log_filter=flow_filter, limit=200, offset=len(logs)):  # every page
+                logs += page
+            messages = [entry.message for entry in logs]
+            if any(m.startswith(last_line) for m in messages) or time.time() > deadline:
+                return messages
+            time.sleep(1)
 
 
 def _wait_for_deployment(api: str, name: str, proc: subprocess.Popen, seconds: float = 120):
