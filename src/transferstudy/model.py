@@ -196,10 +196,28 @@ def build_model(
     """
     backbone, loaded = _load_backbone(weights, progress)
     model = TransferNet(backbone, num_classes, unfreeze_depth)
+    _init_head(model)
+    return model, loaded
+
+
+def build_on_backbone(num_classes: int, backbone_state: dict[str, torch.Tensor], unfreeze_depth: int) -> TransferNet:
+    """A network with these backbone weights (a ``TransferNet`` state_dict less ``head.*``) and
+    a fresh head, drawn from torch's RNG as ``build_model`` draws it. The skeleton is made on
+    the meta device, so no random initialisation is computed only to be overwritten."""
+    with torch.device("meta"):
+        model = TransferNet(resnet50(weights=None), num_classes, unfreeze_depth)
+    model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(backbone_state, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ValueError(f"not a backbone state: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _init_head(model)
+    return model
+
+
+def _init_head(model: TransferNet) -> None:
     bound = 1.0 / math.sqrt(FEATURE_DIM)
     nn.init.uniform_(model.head.weight, -bound, bound)
     nn.init.zeros_(model.head.bias)
-    return model, loaded
 
 
 def trainable_parameter_names(model: TransferNet) -> set[str]:

@@ -73,9 +73,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def release_memory(device: torch.device) -> None:
-    """Return cached GPU memory between trials so the next trial starts from a clean slate."""
-    gc.collect()
+    """Return cached GPU memory between trials so the next trial starts from a clean slate.
+
+    On the CPU, tensors are freed as their last reference goes, so nothing is done: a full
+    ``gc.collect()`` costs about 0.3 s in a process that imported torch, Optuna and Prefect."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -24,7 +24,7 @@ from .config import TrainSection
 from .features import FeatureCache, FeatureStore, placement_name, weights_digest
 from .images.batches import DeviceData, Views
 from .images.cache import ImageCache
-from .model import TransferNet, build_model
+from .model import TransferNet, build_model, build_on_backbone
 from .splits import Splits, holdout_indices, make_splits
 from .train import EpochRecord, FitResult, fit
 
@@ -84,9 +84,7 @@ class TrialRunner:
 
     def build(self, unfreeze_depth: int) -> TransferNet:
         """A fresh network for one trial: the shared backbone weights and a new, seeded head."""
-        model, _ = build_model(self.cache.num_classes, "none", unfreeze_depth)
-        model.load_state_dict(self._backbone_state, strict=False)
-        return model
+        return build_on_backbone(self.cache.num_classes, self._backbone_state, unfreeze_depth)
 
     def splits(self, train_ratio: float) -> Splits:
         return make_splits(self.cache, train_ratio, self.holdout_fraction, self.split_seed)
