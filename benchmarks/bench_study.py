@@ -44,7 +44,10 @@ from transferstudy.model import build_model  # noqa: E402
 from transferstudy.train import build_optimizer  # noqa: E402
 from transferstudy.trial import TrialRunner  # noqa: E402
 
-REFERENCE = [(d, 3) for d in range(6) for _ in range(2)]
+
+def reference(epochs: int = 3, per_depth: int = 2) -> list[tuple[int, int]]:
+    """The reference study: ``per_depth`` trials of each depth, ``epochs`` each (RESULTS.md: 2 x 3)."""
+    return [(d, epochs) for d in range(6) for _ in range(per_depth)]
 
 
 def make_dataset(root: Path, classes: int, per_class: int, val_per_class: int, source_px: int, seed: int = 0) -> Path:
@@ -202,7 +205,7 @@ def run_once(root: Path, args, device: torch.device) -> tuple[list[dict], dict]:
     if args.standard:
         contenders.append(Baseline(root, args, device, standard=True))
     trials: dict[str, list[dict]] = {c.name: [] for c in contenders}
-    for i, (depth, epochs) in enumerate(REFERENCE):
+    for i, (depth, epochs) in enumerate(reference(args.epochs, args.per_depth)):
         for c in contenders[i % len(contenders) :] + contenders[: i % len(contenders)]:
             trials[c.name].append(c.trial(depth, epochs))
     project = contenders[0]
@@ -246,6 +249,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each reference trial (RESULTS.md: 3)")
+    p.add_argument("--per-depth", type=int, default=2, help="reference trials per depth (RESULTS.md: 2)")
     p.add_argument(
         "--views",
         type=int,

@@ -98,6 +98,9 @@ def main() -> None:
         "--views", type=int, nargs="+", default=[1, 2, 4, 8], help="V values to try (no cache is always run)"
     )
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3])
+    p.add_argument(
+        "--per-class", type=int, default=60, help="shapes: training images per class (a third more validate)"
+    )
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--image-size", type=int, default=32)
@@ -109,8 +112,14 @@ def main() -> None:
     runtime.configure(device)
     if args.dataset == "digits":
         root = write_digits(Path(args.out) / "digits")
-    else:  # 60 + 20 per class; 96 px sources keep decoding quick, the shapes survive 32 px
-        root = make_dataset(Path(args.out) / "shapes", classes=10, per_class=60, val_per_class=20, source_px=96)
+    else:  # 60 + 20 per class by default; 96 px sources keep decoding quick, the shapes survive 32 px
+        root = make_dataset(
+            Path(args.out) / "shapes",
+            classes=10,
+            per_class=args.per_class,
+            val_per_class=max(1, args.per_class // 3),
+            source_px=96,
+        )
     cache = load_cache(
         scan_folders(root), args.image_size, Path(args.out) / f"{args.dataset}-cache", show_progress=False
     )

@@ -17,6 +17,7 @@ TINY = {
     "train": {"weights": "none", "batch_size": 32},
     "search": {"unfreeze_depth": [0, 1], "lr": [1e-3, 1e-2], "epochs": [1, 2], "train_ratio": [0.6, 0.8]},
     "refit": {"enabled": False},  # tests/test_refit.py turns it on
+    "confirm": {"enabled": False},  # tests/test_confirm.py and the study-flow test turn it on
 }
 
 

@@ -1,7 +1,5 @@
 """Study files: committed ones are valid; bad ones fail with one line naming the file and key."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,17 +79,13 @@ def test_resolved_config_round_trips():
 
 
 def test_cli_broken_study_file_is_one_line(tmp_path):
+    from flows.study import main
+
     path = _write(tmp_path, "[train]\nbatch_size = 1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.study", "--config", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    code, _, err = run_cli(main, ["--config", str(path)])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert str(path) in lines[0] and "[train] batch_size" in lines[0]
 
 

@@ -127,7 +127,7 @@ def _spy_fits(monkeypatch) -> list:
 def confirmed(tmp_path_factory) -> Confirmed:
     """A 2-trial tiny search (depths 0 and 1, one epoch) and its confirmation with 2 seeds."""
     root = tmp_path_factory.mktemp("confirm")
-    cfg = tiny_config(root, search={"epochs": [1, 1]}, confirm={"seeds": 2})
+    cfg = tiny_config(root, search={"epochs": [1, 1]}, confirm={"enabled": True, "seeds": 2})
     here = Path.cwd()
     os.chdir(root)
     try:

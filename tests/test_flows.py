@@ -58,15 +58,15 @@ def test_study_flow_leaves_study_report_and_caches_preparation(prefect_api, tmp_
     from flows.study import study_flow
 
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, confirm={"enabled": True, "seeds": 2})
     state = study_flow(study=cfg, return_state=True)
     report = Path(state.result())
     assert report.is_file() and report.name == "report.html"
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 2
     assert _task_states(state)["decode-images"] == "Completed"
-    assert _task_states(state)["confirm"] == "Completed"  # after the search: each depth's best setting, 3 seeds
-    assert [g["metric"]["n"] for g in study.user_attrs["confirmation"]["depths"]] == [3, 3]
+    assert _task_states(state)["confirm"] == "Completed"  # after the search: each depth's best setting, 2 seeds
+    assert [g["metric"]["n"] for g in study.user_attrs["confirmation"]["depths"]] == [2, 2]
     assert 'data-figure="confirmation"' in report.read_text()
 
     again = study_flow(study=cfg.with_overrides(study={"n_trials": 3}), return_state=True)  # resume: one more trial
@@ -93,7 +93,10 @@ def _running_with_progress(storage: str, name: str):
 
 def test_killed_worker_trial_is_detected_and_rerun(prefect_api, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    raw = tiny_raw(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [6, 6]})
+    # One trial of three epochs: the worker is killed after its first epoch, and the study's one
+    # finished trial must then be the killed trial run again.
+    killed_study = {"study": {"heartbeat_s": 1, "n_trials": 1}, "search": {"unfreeze_depth": [5], "epochs": [3, 3]}}
+    raw = tiny_raw(tmp_path, **killed_study)
     toml = write_toml(tmp_path / "tiny.toml", raw)
     storage = raw["study"]["storage"]
     worker = _worker(toml, prefect_api, tmp_path)
@@ -109,13 +112,11 @@ def test_killed_worker_trial_is_detected_and_rerun(prefect_api, tmp_path, monkey
         worker.wait()
     time.sleep(3)  # let the heartbeat go stale (grace period = 2 x 1 s)
 
-    study = study_mod.run_study(
-        tiny_config(tmp_path, study={"heartbeat_s": 1}, search={"unfreeze_depth": [5], "epochs": [6, 6]})
-    )
+    study = study_mod.run_study(tiny_config(tmp_path, **killed_study))
     trials = study.get_trials(deepcopy=False)
     killed = next(t for t in trials if t.number == victim.number)
     assert killed.state == TrialState.FAIL
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 1
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retried and retried[0].params == killed.params
 
