@@ -251,6 +251,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=3, help="epochs of each reference trial (RESULTS.md: 3)")
     p.add_argument("--per-depth", type=int, default=2, help="reference trials per depth (RESULTS.md: 2)")
+    p.add_argument("--floor-steps", type=int, default=8, help="timed steps of the compute floor, per depth")
     p.add_argument(
         "--views",
         type=int,
@@ -282,8 +283,10 @@ def main() -> None:
     )
 
     if args.floor_only:
-        fp32 = compute_floor(args, device, args.classes)
-        bf16 = compute_floor(args, device, args.classes, cpu_bf16=True) if device.type == "cpu" else {}
+        fp32 = compute_floor(args, device, args.classes, args.floor_steps)
+        bf16 = (
+            compute_floor(args, device, args.classes, args.floor_steps, cpu_bf16=True) if device.type == "cpu" else {}
+        )
         print("\n| depth | step alone img/s | with bf16 autocast on the CPU |\n|---|---|---|")
         for d, v in fp32.items():
             print(f"| {d} | {v:,.1f} | " + (f"{bf16[d]:,.1f} ({bf16[d] / v:.2f}x)" if bf16 else "-") + " |")
@@ -313,7 +316,7 @@ def main() -> None:
                 + ", ".join(f"{d}: {v:.1f}x" for d, v in x["warm"].items())
             )
         print("\nmean validation accuracy by depth: " + "; ".join(f"{res['name']} {res['val_acc']}" for res in results))
-    floors = compute_floor(args, device, args.classes)
+    floors = compute_floor(args, device, args.classes, args.floor_steps)
     naive = runs[-1]["results"][1]["images_per_s"]
     print("\n## compute floor: the trainable stages' training step alone (no data, no frozen forward)")
     print("| depth | step alone img/s | naive img/s (last run) | most any cache can give |")
