@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Test processes (pytest-xdist; one torch thread each); a test file runs in one of them.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint install install-dev clean-results
 
@@ -21,7 +23,7 @@ demo: install
 	$(PY) -m flows.study
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
