@@ -4,6 +4,8 @@
     python -m flows.study --config studies/stanford_cars.toml --data /data/stanford-cars
     python -m flows.study --set train.batch_size=128 --set search.epochs=[5,20]   # any study-file key
     python -m flows.study --n-trials 40 --storage postgresql://user:pw@host/optuna  # one worker of many
+    python -m flows.study --workers 4                      # four worker processes, GPUs dealt out in turn
+    python -m flows.study --devices all                    # one worker per visible GPU
     python -m flows.study --serve --cron "0 3 * * *"       # a scheduled deployment (needs a Prefect server)
 
 The flow's one parameter is the whole study configuration (``transferstudy.config.StudyConfig``):
@@ -18,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.common import artifact_key, engine_logging, run_cli, setup_logging
@@ -85,15 +87,107 @@ def decode_images(cfg: StudyConfig, index: DatasetIndex, cache_key: str) -> dict
 
 
 @task(name="run-study", cache_policy=NO_CACHE)
-def run_study(cfg: StudyConfig, index: DatasetIndex, command: str | None) -> dict:
-    """Run or resume the Optuna study on the decoded images; then score its best trials on the holdout."""
+def run_study(cfg: StudyConfig, index: DatasetIndex, command: str | None, progress_id) -> dict:
+    """Run or resume the Optuna study on the decoded images in this process (one worker)."""
     from transferstudy import study as study_mod
 
     dataset = study_mod.decode_dataset(cfg, index, show_progress=False)  # the cache decode-images left
-    study = study_mod.run_study(cfg, dataset, command=command)
-    study_mod.score_holdout(study, cfg, dataset)
+    study_mod.run_study(cfg, dataset, command=command, on_trial_end=lambda n: _progress(progress_id, n, cfg))
+    return {"workers": 1}
+
+
+@task(name="study-worker", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
+def study_worker(config_path: str, env: dict[str, str], name: str) -> None:
+    """One worker process of a fan-out (``flows.worker``), pinned to its device by ``env``; its
+    log lines become this task's. A worker that dies (killed, out of memory) is started once
+    more: the trial it was running goes stale and is run again."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect import get_run_logger
+
+    from transferstudy.workers import WORKER_ENV
+
+    logger = get_run_logger()
+    root = str(Path(__file__).resolve().parents[1])  # flows/ importable whatever the working folder
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    proc_env = {**os.environ, **env, WORKER_ENV: name, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "flows.worker", "--config", config_path],
+        env=proc_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        logger.info("worker %s started (pid %d)", name, proc.pid)
+        for line in proc.stdout:
+            logger.info("%s", line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"study worker {name} (pid {proc.pid}) exited with status {code}; its log is above")
+
+
+@task(name="score-holdout", cache_policy=NO_CACHE)
+def score_holdout(cfg: StudyConfig, index: DatasetIndex) -> dict:
+    """Score the best trials on the holdout (once per study, after every worker has ended)."""
+    from transferstudy import study as study_mod
+
+    dataset = study_mod.decode_dataset(cfg, index, show_progress=False)
+    study_mod.score_holdout(study_mod.open_study(cfg), cfg, dataset)
+    return _results(cfg)
+
+
+def _results(cfg: StudyConfig) -> dict:
+    """The best trials as table rows (``report_top_k``) and the finished-trial count."""
+    from transferstudy import study as study_mod
+
+    study = study_mod.open_study(cfg)
     rows = study_mod.results_table(study, cfg.study.report_top_k)
-    return {"name": study.study_name, "top": rows, "finished": study_mod.count_finished(study)}
+    return {"top": rows, "finished": study_mod.count_finished(study)}
+
+
+def _progress(progress_id, finished: int, cfg: StudyConfig) -> None:
+    """The progress artifact: finished trials of ``n_trials``, in percent."""
+    from prefect.artifacts import update_progress_artifact
+
+    update_progress_artifact(progress_id, min(100.0, 100.0 * finished / cfg.study.n_trials))
+
+
+def fan_out(cfg: StudyConfig, index: DatasetIndex, slots: list, command: str, progress_id) -> dict:
+    """Run the study in one worker process per slot (``transferstudy.workers``) and wait for
+    them, keeping the progress artifact up to date from the storage.
+
+    Raises:
+        RuntimeError: a worker failed twice (the message names it); the others ran to the end.
+    """
+    from prefect.futures import wait
+
+    from transferstudy import study as study_mod
+
+    dataset = study_mod.decode_dataset(cfg, index, show_progress=False)
+    study = study_mod.start_study(cfg, dataset, len(slots), command)
+    folder = cfg.result_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    futures = []
+    for slot in slots:
+        mine = {"device": slot.device, "sampler_seed": cfg.study.sampler_seed + 1000 * slot.index}
+        train = {}
+        if "feature_memory_fraction" not in cfg.search.space:  # 1/N of the budget each
+            train["feature_memory_fraction"] = cfg.train.feature_memory_fraction * slot.memory_share
+        path = folder / f"worker-{slot.index}.toml"
+        path.write_text(cfg.with_overrides(study=mine, train=train).to_toml())
+        name = f"study-worker-{slot.index} ({slot.label})"
+        futures.append(study_worker.with_options(task_run_name=name).submit(str(path), slot.env, slot.name))
+        log.info("worker %s: device %s (%s)", slot.name, slot.label, " ".join(f"{k}={v}" for k, v in slot.env.items()))
+    while wait(futures, timeout=5).not_done:
+        _progress(progress_id, study_mod.count_finished(study), cfg)
+    _progress(progress_id, study_mod.count_finished(study), cfg)
+    failed = [(slot, f) for slot, f in zip(slots, futures, strict=True) if not f.state.is_completed()]
+    if failed:
+        names = ", ".join(f"{slot.name} ({f.state.name}: {f.state.message})" for slot, f in failed)
+        raise RuntimeError(f"{len(failed)} of {len(slots)} study workers failed: {names}")
+    return {"workers": len(slots)}
 
 
 @task(name="confirm", cache_policy=NO_CACHE)
@@ -142,7 +236,12 @@ def reproduce_command(cfg: StudyConfig) -> str:
 
 
 @flow(name="transfer-study")
-def study_flow(study: StudyConfig = StudyConfig(), report: bool = True) -> str | None:  # noqa: B008
+def study_flow(
+    study: StudyConfig = StudyConfig(),  # noqa: B008
+    report: bool = True,
+    workers: int | None = None,
+    devices: str | None = None,
+) -> str | None:
     """Open and decode the dataset, run (or resume) the study, confirm the best setting of each
     depth, refit and export the chosen configuration, write the report; returns the report path.
 
@@ -150,13 +249,25 @@ def study_flow(study: StudyConfig = StudyConfig(), report: bool = True) -> str |
         study: the whole study configuration (a study file, resolved and validated).
         report: confirm, refit the model and write the HTML report (extra workers of a shared study
             skip all three: the once-per-study work is the parent's).
+        workers: run the trials in this many worker processes of this node (``study-worker``
+            tasks), each pinned to one device; unset with ``devices`` unset: in this process.
+        devices: the workers' devices: ``all`` (every visible GPU) or ``cuda:0,cuda:1,...``;
+            unset: the study's ``device``.
     """
     engine_logging()
     index = open_dataset(study)
     key, healthy = cache_status(index, study.data.image_size, study.data.cache_dir, study.data.resize_mode)
     decode_images.with_options(refresh_cache=not healthy)(study, index, key)  # a damaged cache is rebuilt
-    outcome = run_study(study, index, reproduce_command(study))
     key = artifact_key(study.study.name)
+    progress_id = create_progress_artifact(
+        0.0, key=f"{key}-progress", description=f"finished trials of {study.study.name} (of {study.study.n_trials})"
+    )
+    if workers is None and devices is None:
+        run_study(study, index, reproduce_command(study), progress_id)
+    else:
+        fan_out(study, index, plan(study, workers, devices), reproduce_command(study), progress_id)
+    # The holdout is the parent's once-per-study work; an extra worker of a shared study leaves it.
+    outcome = score_holdout(study, index) if report else _results(study)
     create_table_artifact(
         key=f"{key}-top-trials",
         table=outcome["top"] or [{"trial": "no complete trial yet"}],
@@ -176,6 +287,19 @@ def study_flow(study: StudyConfig = StudyConfig(), report: bool = True) -> str |
         description=f"HTML report of {study.study.name}",
     )
     return path
+
+
+def plan(cfg: StudyConfig, workers: int | None, devices: str | None) -> list:
+    """The worker slots of ``--workers`` / ``--devices`` on this node (``transferstudy.workers``).
+
+    Raises:
+        ValueError: a bad ``devices`` text or worker count (one line).
+    """
+    import os
+
+    from transferstudy.workers import plan_workers, visible_gpus
+
+    return plan_workers(workers, devices, cfg.study.device, visible_gpus(), os.cpu_count() or 1)
 
 
 def resolve_config(
@@ -221,6 +345,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the confirmation, the refit and the report (extra workers of a shared study)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="run the trials in N worker processes of this node, each pinned to one device "
+        "(the study's device; several GPUs are dealt out in turn); the holdout, confirmation, refit "
+        "and report run once, after them",
+    )
+    p.add_argument(
+        "--devices",
+        help='the workers\' devices: "all" (every visible GPU, one worker each) or "cuda:0,cuda:1,..."',
+    )
     p.add_argument("--serve", action="store_true", help="serve a deployment of this flow (Prefect server needed)")
     p.add_argument("--cron", help='with --serve: schedule, e.g. "0 3 * * *"')
     p.add_argument("--interval", type=float, help="with --serve: run every this many seconds")
@@ -234,19 +369,22 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     # Validate before Prefect starts, so bad input is one line, not a failed flow run.
     cfg = resolve_config(args.config, args.overrides, **{_dest(f): getattr(args, _dest(f)) for f in ALIASES})
+    fan = {"workers": args.workers, "devices": args.devices}
+    if args.workers is not None or args.devices is not None:
+        plan(cfg, args.workers, args.devices)  # a bad device list is one line, before Prefect starts
     if args.serve:
         if not (args.cron or args.interval):
             raise ValueError("--serve needs --cron or --interval")
         print(
             f"serving deployment 'transfer-study/{args.name}' (cron={args.cron}, interval={args.interval}); Ctrl-C stops it"
         )
-        params = {"study": cfg.model_dump(mode="json"), "report": not args.no_report}
+        params = {"study": cfg.model_dump(mode="json"), "report": not args.no_report, **fan}
         study_flow.serve(name=args.name, cron=args.cron, interval=args.interval, parameters=params)
         return 0
     from transferstudy.study import preflight
 
     preflight(cfg)
-    report = study_flow(study=cfg, report=not args.no_report)
+    report = study_flow(study=cfg, report=not args.no_report, **fan)
     print(f"\nstudy {cfg.study.name!r} in {cfg.study.storage}")
     if report:
         print(f"report:    {report}")

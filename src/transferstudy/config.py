@@ -65,7 +65,7 @@ class StudySection(_Section):
     name: str = Field("", description="Optuna study name; default: the file name without .toml")
     storage: str = Field(
         "sqlite:///studies/optuna.db",
-        description="any Optuna storage URL (PostgreSQL for several workers)",
+        description="any Optuna storage URL (SQLite for one node, PostgreSQL for several machines)",
     )
     n_trials: int = Field(
         20,

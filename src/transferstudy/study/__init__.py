@@ -38,6 +38,7 @@ _EXPORTS = {
     "preflight": "runner",
     "refit_best": "refit",
     "run_study": "runner",
+    "start_study": "runner",
     "suggest": "space",
 }
 __all__ = sorted(_EXPORTS)

@@ -29,6 +29,7 @@ TRIAL_BEST_EPOCH = "best_epoch"
 TRIAL_TRAIN_SECONDS = "train_seconds"
 TRIAL_IMAGES_PER_S = "images_per_s"
 TRIAL_DEVICE = "device"
+TRIAL_WORKER = "worker"  # {"host", "pid", "worker"}: the process that ran the trial (``workers.identity``)
 TRIAL_WEIGHTS = "weights"
 TRIAL_SPLIT_SIZES = "split_sizes"
 TRIAL_CHECKPOINT = "checkpoint"  # path; the file is deleted when the trial leaves the top

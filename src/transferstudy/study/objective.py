@@ -12,7 +12,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from .. import runtime
+from .. import runtime, workers
 from ..config import BACKBONE_DEFAULTS, StudyConfig
 from ..images.batches import DeviceData
 from ..metrics import macro_f1
@@ -74,6 +74,7 @@ class Objective:
                 {
                     attrs.TRIAL_REGIME: regime,
                     attrs.TRIAL_DEVICE: runtime.describe(self.device),
+                    attrs.TRIAL_WORKER: workers.identity(),
                     attrs.TRIAL_WEIGHTS: self.weights.used,
                     attrs.TRIAL_SPLIT_SIZES: splits.sizes(),
                     attrs.TRIAL_EFFECTIVE_SETTINGS: {key: getattr(settings, key) for key in BACKBONE_DEFAULTS},
@@ -126,8 +127,10 @@ class Objective:
     def _keep_checkpoint(self, trial: optuna.Trial, model, value: float) -> None:
         """Save this trial's model while it ranks among the top ``report_top_k``.
 
-        The holdout scores of the top trials need their models; checkpoints that fall out of
-        the top are deleted as the study goes, so disk use stays at ``report_top_k`` models.
+        The holdout scores of the top trials need their models; checkpoints this process wrote
+        that fall out of the top are deleted as the study goes, so disk use stays near
+        ``report_top_k`` models per worker. Another worker's files are left to it, and the rest
+        to the holdout scoring, which runs once per study (``holdout._prune_checkpoints``).
         """
         k = self.cfg.study.report_top_k
         done = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
@@ -156,9 +159,16 @@ class Objective:
         )
         trial.set_user_attr(attrs.TRIAL_CHECKPOINT, str(path))
         if not keep_all:
+            me = workers.identity()
             for _, _, old in ranked[k:]:
-                if old is not None:
+                if old is not None and _written_by(old, me):
                     drop_checkpoint(old)
+
+
+def _written_by(trial: optuna.trial.FrozenTrial, me: dict) -> bool:
+    """Whether this process (host and pid of ``workers.identity``) ran the trial."""
+    who = trial.user_attrs.get(attrs.TRIAL_WORKER) or {}
+    return (who.get("host"), who.get("pid")) == (me["host"], me["pid"])
 
 
 def study_runner(cfg: StudyConfig, dataset: DecodedData, device: torch.device, weights: str) -> TrialRunner:

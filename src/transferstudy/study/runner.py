@@ -6,13 +6,14 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
-from .. import runtime
+from .. import runtime, workers
 from ..config import BACKBONE_DEFAULTS, StudyConfig
 from ..model import build_model
 from ..train import NonFiniteLossError
@@ -92,11 +93,13 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _progress_callback(cfg: StudyConfig):
+def _progress_callback(cfg: StudyConfig, on_trial_end: Callable[[int], None] | None = None):
     failures = {"in_a_row": 0}
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         finished = count_finished(study)
+        if on_trial_end is not None:
+            on_trial_end(finished)
         params = " ".join(f"{k}={fmt_param(v)}" for k, v in trial.params.items())
         params += " (starting design)" if trial.user_attrs.get(attrs.TRIAL_DESIGN) is not None else ""
         detail = {
@@ -163,9 +166,19 @@ def preflight(cfg: StudyConfig) -> None:
 
 
 def run_study(
-    cfg: StudyConfig, dataset: DecodedData | None = None, device: str | None = None, command: str | None = None
+    cfg: StudyConfig,
+    dataset: DecodedData | None = None,
+    device: str | None = None,
+    command: str | None = None,
+    save_config: bool = True,
+    on_trial_end: Callable[[int], None] | None = None,
 ) -> optuna.Study:
     """Run (or resume) the study until it has ``n_trials`` finished trials or times out.
+
+    Args:
+        save_config: write the resolved study file to the results folder (a worker of a fan-out,
+            whose settings carry its own device and share of memory, leaves the parent's).
+        on_trial_end: called with the study's finished-trial count after each trial (progress).
 
     Returns:
         The study; its storage holds every trial, its results folder the resolved config.
@@ -175,7 +188,7 @@ def run_study(
     runtime.configure(dev)
     study = open_study(cfg)
     _fail_stale_trials(study, cfg)  # trials of workers that died: failed (and retried)
-    _record_run(study, cfg, dataset, dev, command)
+    _record_run(study, cfg, dataset, runtime.describe(dev), command, save_config)
     remaining = cfg.study.n_trials - count_finished(study)
     if remaining <= 0:
         log.info("study %r already has %d finished trials; nothing to run", cfg.study.name, count_finished(study))
@@ -196,7 +209,7 @@ def run_study(
         n_trials=2 * remaining + MAX_CONSECUTIVE_FAILURES,  # failed trials are replaced; the callback stops at n_trials
         timeout=cfg.study.timeout_s or None,
         catch=(NonFiniteLossError, torch.OutOfMemoryError, SurplusTrial),
-        callbacks=[_progress_callback(cfg)],
+        callbacks=[_progress_callback(cfg, on_trial_end)],
         gc_after_trial=True,
     )
     _raise_if_failing(study)
@@ -235,19 +248,40 @@ def _fail_stale_trials(study: optuna.Study, cfg: StudyConfig, poll_s: float = 0.
         time.sleep(poll_s)
 
 
+def start_study(cfg: StudyConfig, dataset: DecodedData, workers: int, command: str | None = None) -> optuna.Study:
+    """Open (or create) the study and record the run and its resolved config, training nothing:
+    the parent of a fan-out, before its ``workers`` start."""
+    study = open_study(cfg)
+    _record_run(study, cfg, dataset, f"{workers} workers", command)
+    return study
+
+
 def _record_run(
-    study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, dev: torch.device, command: str | None
+    study: optuna.Study,
+    cfg: StudyConfig,
+    dataset: DecodedData,
+    device: str,
+    command: str | None,
+    save_config: bool = True,
 ) -> None:
-    cfg.result_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.result_dir / "config.json").write_text(cfg.to_json())
-    (cfg.result_dir / "config.toml").write_text(cfg.to_toml())
-    study.set_user_attr(attrs.STUDY_CONFIG, cfg.to_dict())
+    if save_config:
+        cfg.result_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.result_dir / "config.json").write_text(cfg.to_json())
+        (cfg.result_dir / "config.toml").write_text(cfg.to_toml())
+        study.set_user_attr(attrs.STUDY_CONFIG, cfg.to_dict())
     study.set_user_attr(attrs.STUDY_DATASET, dataset.summary(cfg))
     study.set_user_attr(attrs.STUDY_PRUNING, describe_pruning(cfg))
     if command:
         study.set_user_attr(attrs.STUDY_COMMAND, command)
     runs = list(study.user_attrs.get(attrs.STUDY_RUNS, []))
-    runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": runtime.describe(dev), "argv": sys.argv})
+    runs.append(
+        {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "device": device,
+            "argv": sys.argv,
+            **workers.identity(),
+        }
+    )
     study.set_user_attr(attrs.STUDY_RUNS, runs[-50:])
 
 
