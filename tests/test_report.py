@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import types
 from datetime import datetime, timedelta
@@ -56,6 +55,7 @@ FIGURES = (
     "param-importances",
     "parallel-coordinates",
     "slice",
+    "timeline",
 )
 #: Largest report we are happy to mail (plotly.js alone is about 4.8 MB).
 MAX_REPORT_BYTES = 8_000_000
@@ -432,24 +432,17 @@ def test_unknown_study_and_missing_storage_are_clear_errors(cars_study, tmp_path
 
 @pytest.mark.slow
 def test_flow_cli_rebuilds_the_report_from_storage(tiny_study, prefect_server, tmp_path):
+    from helpers import run_cli
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.report import main
+
     url, name, _ = tiny_study
     out = tmp_path / "rebuilt" / "report.html"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": prefect_server,
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.report", "--study", name, "--storage", url, "--out", str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == str(out)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):  # the report flow runs through the server
+        code, stdout, stderr = run_cli(main, ["--study", name, "--storage", url, "--out", str(out)])
+    assert code == 0, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == str(out)
     page = out.read_text()
     assert figures_in(page) == list(FIGURES) and all(f'id="{sid}"' in page for sid in SECTION_IDS)
 

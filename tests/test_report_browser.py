@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_report import (
+    FIGURES,
     MAX_REPORT_BYTES,
     build_synthetic_study,
     build_tiny_study,
@@ -69,7 +70,8 @@ def page_errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "CONSOLE" in line and re.search(r"Uncaught|Error", line)]
 
 
-def check_in_browser(path: Path) -> None:
+def check_in_browser(path: Path, screenshot: bool = True) -> None:
+    """No script error, every figure drawn by plotly in the DOM, and (``screenshot``) a painted page."""
     page = path.read_text()
     dumped = chromium(path, "--enable-logging=stderr", "--v=0", "--dump-dom")
     assert dumped.returncode == 0, dumped.stderr[-2000:]
@@ -79,7 +81,9 @@ def check_in_browser(path: Path) -> None:
     assert errors.group(1).strip() == "", f"script errors: {errors.group(1)[:2000]}"
     assert page_errors(dumped.stderr) == []
     expected = figures_in(page)
-    assert dom.count('class="plot-container plotly"') == len(expected) == 8
+    assert dom.count('class="plot-container plotly"') == len(expected) == len(FIGURES)
+    if not screenshot:
+        return
     shot = path.with_suffix(".png")
     taken = chromium(path, "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1400,4000")
     assert taken.returncode == 0 and shot.stat().st_size > 20_000, taken.stderr[-2000:]
@@ -95,7 +99,7 @@ def test_196_class_report_renders_in_chromium(tmp_path_factory):
     url, name = build_synthetic_study(tmp_path_factory.getbasetemp() / "report-cars196")
     path = report.build_report(url, name, out=tmp_path_factory.getbasetemp() / "browser" / "cars196.html")
     assert path.stat().st_size < MAX_REPORT_BYTES
-    check_in_browser(path)
+    check_in_browser(path, screenshot=False)  # the tiny report's screenshot shows painting works
 
 
 def test_error_hook_catches_script_errors(tmp_path):

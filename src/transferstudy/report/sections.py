@@ -90,10 +90,20 @@ def weights_info(data: StudyData) -> tuple[str, str | None]:
 
 
 def devices(data: StudyData) -> str:
-    seen = [r.get("device") for r in data.attrs.get(stored.STUDY_RUNS, [])] + [
-        t.user_attrs.get(stored.TRIAL_DEVICE) for t in data.trials
+    """The devices trials ran on and, when several processes ran them, each worker's trial count."""
+    seen = [t.user_attrs.get(stored.TRIAL_DEVICE) for t in data.trials] or [
+        r.get("device") for r in data.attrs.get(stored.STUDY_RUNS, [])
     ]
-    return ", ".join(dict.fromkeys(d for d in seen if d)) or "—"
+    text = ", ".join(dict.fromkeys(d for d in seen if d)) or "—"
+    ran: dict[str, int] = {}
+    for t in data.trials:
+        who = t.user_attrs.get(stored.TRIAL_WORKER)
+        if who:
+            name = who.get("worker") or f"{who.get('host')}:{who.get('pid')}"
+            ran[name] = ran.get(name, 0) + 1
+    if len(ran) > 1:
+        text += f"; {len(ran)} workers: " + ", ".join(f"{name} ({n} trials)" for name, n in sorted(ran.items()))
+    return text
 
 
 def split_text(data: StudyData) -> str:
@@ -661,6 +671,7 @@ def optuna_section(data: StudyData) -> str:
         ("param-importances", "parameter importances", lambda: importances(data), 360),
         ("parallel-coordinates", "parallel coordinates", lambda: vis.plot_parallel_coordinate(data.study), 460),
         ("slice", "slice plot", lambda: vis.plot_slice(data.study), 420),
+        ("timeline", "timeline (when each trial ran, and how it ended)", lambda: vis.plot_timeline(data.study), 420),
     ]
     parts = []
     for name, title, make, height in plots:
