@@ -91,36 +91,6 @@ def _running_with_progress(storage: str, name: str):
     return None
 
 
-def test_killed_worker_trial_is_detected_and_rerun(prefect_api, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    # One trial of three epochs: the worker is killed after its first epoch, and the study's one
-    # finished trial must then be the killed trial run again.
-    killed_study = {"study": {"heartbeat_s": 1, "n_trials": 1}, "search": {"unfreeze_depth": [5], "epochs": [3, 3]}}
-    raw = tiny_raw(tmp_path, **killed_study)
-    toml = write_toml(tmp_path / "tiny.toml", raw)
-    storage = raw["study"]["storage"]
-    worker = _worker(toml, prefect_api, tmp_path)
-    try:
-        deadline = time.time() + 240
-        while (victim := _running_with_progress(storage, "tiny")) is None:
-            assert worker.poll() is None, "worker ended before it could be killed"
-            assert time.time() < deadline, "no trial got going in time"
-            time.sleep(0.5)
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.kill()
-        worker.wait()
-    time.sleep(3)  # let the heartbeat go stale (grace period = 2 x 1 s)
-
-    study = study_mod.run_study(tiny_config(tmp_path, **killed_study))
-    trials = study.get_trials(deepcopy=False)
-    killed = next(t for t in trials if t.number == victim.number)
-    assert killed.state == TrialState.FAIL
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 1
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert retried and retried[0].params == killed.params
-
-
 def _postgres_url() -> str:
     url = os.environ.get("TRANSFERSTUDY_TEST_POSTGRES_URL")
     if not url:
@@ -159,3 +129,70 @@ def test_prepare_flow_writes_manifest_and_problem_table(prefect_api, tmp_path, m
     assert [Path(f).name for f, _ in outcome["problems"]] == ["notes.txt"]
     again = prepare_flow(str(source), str(tmp_path / "prepared"))
     assert (again["hashed"], again["decoded"]) == (0, 0)
+
+
+def _flow_run_of(api_url: str, study_name: str):
+    """The transfer-study flow run whose study parameter has this name, and its task runs by name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        studies = [(r, r.parameters.get("study")) for r in runs]  # the report flow's "study" is a name
+        run = next(r for r, s in studies if isinstance(s, dict) and s["study"]["name"] == study_name)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    return run, {t.name: t for t in tasks}
+
+
+def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefect_api, tmp_path):
+    """``--workers 2 --device cpu``: two worker processes as child task runs of one flow run; one is
+    killed mid-trial, its task starts it again, the killed trial's parameters run again, and the
+    study ends with exactly n_trials; the holdout is scored and the report written once."""
+    raw = tiny_raw(
+        tmp_path,
+        study={"name": "fanout", "n_trials": 3, "heartbeat_s": 1},
+        search={"unfreeze_depth": [5], "epochs": [2, 2]},  # whole-network epochs: a trial lasts seconds
+    )
+    toml = write_toml(tmp_path / "fanout.toml", raw)
+    storage = raw["study"]["storage"]
+    log = open(tmp_path / "parent.log", "w")
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "flows.study", "--config", str(toml), "--workers", "2", "--device", "cpu"],
+        cwd=tmp_path,
+        env={**_worker_env(prefect_api), "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 240
+        while (victim := _running_with_progress(storage, "fanout")) is None:
+            assert parent.poll() is None, (tmp_path / "parent.log").read_text()[-3000:]
+            assert time.time() < deadline, "no trial got going in time"
+            time.sleep(0.2)
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+        assert parent.wait(timeout=400) == 0, (tmp_path / "parent.log").read_text()[-4000:]
+    finally:
+        parent.kill()
+        parent.wait()
+    output = (tmp_path / "parent.log").read_text()
+
+    study = optuna.load_study(study_name="fanout", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3  # exactly n_trials, though two processes ran them and one died
+    assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
+    rerun = [t for t in complete if t.system_attrs.get("failed_trial") == victim.number]
+    assert rerun and rerun[0].params == victim.params
+    ran = {t.user_attrs["worker"]["worker"] for t in trials if "worker" in t.user_attrs}
+    assert ran == {"0/2 cpu", "1/2 cpu"}  # both workers ran trials (the killed one, at least its last)
+
+    run, tasks = _flow_run_of(prefect_api, "fanout")
+    workers = {name: t for name, t in tasks.items() if name.startswith("study-worker-")}
+    assert sorted(workers) == ["study-worker-0 (cpu)", "study-worker-1 (cpu)"]
+    assert all(t.state.is_completed() for t in workers.values()) and run.state.is_completed()
+    assert sum(t.run_count for t in workers.values()) == 3  # one retry: the killed worker's
+    assert [name.rsplit("-", 1)[0] for name in tasks].count("score-holdout") == 1  # the holdout, once
+    assert output.count("report:") == 1 and "report of study 'fanout' written to" in output
+    header = (tmp_path / "fanout" / "report.html").read_text()
+    assert "2 workers: 0/2 cpu (" in header and 'data-figure="timeline"' in header  # who ran what, and when
