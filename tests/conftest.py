@@ -67,6 +67,16 @@ def write_class_folders(
     return root
 
 
+#: The longest test files, run first: ``make test`` runs each file in one of two processes, and a
+#: long file handed out last would finish alone while the other process idles.
+SLOW_FIRST = ("test_flows.py", "test_serve.py", "test_benchmarks.py", "test_report.py", "test_study.py")
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
+
+
 @pytest.fixture
 def make_dataset(tmp_path):
     """Factory: ``make_dataset(name, **kwargs)`` writes ``write_class_folders`` under tmp_path."""
@@ -110,35 +120,71 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One real ``prefect server start`` on loopback for the whole session: flows, served
-    deployments and flow CLIs all talk to it (PREFECT_API_URL), instead of each starting a
-    temporary server of its own."""
+#: Set by the controller of a ``pytest -n N`` run to the API of the one Prefect server it started
+#: for all its worker processes.
+SHARED_SERVER_ENV = "TRANSFERSTUDY_TEST_PREFECT_API"
+
+
+def _start_prefect_server(home: Path):
+    """``prefect server start`` on a free loopback port with its own home: (process, API URL)."""
     import os
     import subprocess
     import sys
 
-    from helpers import free_port, stop, wait_http
+    from helpers import free_port
 
     port = free_port()
-    home = tmp_path_factory.mktemp("prefect-home")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    api = f"http://127.0.0.1:{port}/api"
+    with open(home / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return server, f"http://127.0.0.1:{port}/api"
+
+
+def pytest_configure(config):
+    """The controller of ``pytest -n N`` starts one Prefect server for every worker process, at
+    once, so it boots while the first tests run (workers inherit its URL)."""
+    import os
+    import tempfile
+
+    if (
+        hasattr(config, "workerinput")
+        or not config.getoption("numprocesses", None)
+        or os.environ.get(SHARED_SERVER_ENV)
+    ):
+        return
+    from helpers import stop
+
+    server, api = _start_prefect_server(Path(tempfile.mkdtemp(prefix="prefect-home-")))
+    os.environ[SHARED_SERVER_ENV] = api
+    config.add_cleanup(lambda: stop(server))
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` on loopback for the whole session: flows, served
+    deployments and flow CLIs all talk to it (PREFECT_API_URL), instead of each starting a
+    temporary server of its own. Under ``pytest -n N``, the controller's one server."""
+    import os
+
+    from helpers import stop, wait_http
+
+    shared = os.environ.get(SHARED_SERVER_ENV)
+    server, api = (None, shared) if shared else _start_prefect_server(tmp_path_factory.mktemp("prefect-home"))
     try:
         wait_http(f"{api}/health", server, 240)
         yield api
     finally:
-        stop(server)
-        log.close()
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # flow-run logs of this process go before their server does
+        if server is not None:
+            stop(server)
 
 
 @pytest.fixture

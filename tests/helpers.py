@@ -84,13 +84,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, seconds: float) -> bytes:
+def wait_http(url: str, proc: subprocess.Popen | None, seconds: float) -> bytes:
+    """The body of ``url`` once it answers; fails if ``proc`` (the server, when it is ours) exits first."""
     # A private opener without proxies: urllib's global one keeps whatever proxy settings the
     # first download of the process saw (an offline test sets a dead one on purpose).
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.time() + seconds
     while time.time() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        assert proc is None or proc.poll() is None, f"server exited with {proc.returncode}"
         try:
             with opener.open(url, timeout=2) as r:
                 return r.read()
