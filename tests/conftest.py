@@ -67,9 +67,10 @@ def write_class_folders(
     return root
 
 
-#: The longest test files, run first: ``make test`` runs each file in one of two processes, and a
-#: long file handed out last would finish alone while the other process idles.
-SLOW_FIRST = ("test_flows.py", "test_serve.py", "test_benchmarks.py", "test_report.py", "test_study.py")
+#: The longest test files, run first: ``make test`` runs each file in one of two processes (in
+#: collection order: --no-loadscope-reorder), and a long file handed out last would finish alone
+#: while the other process idles. The two with many processes of their own start apart.
+SLOW_FIRST = ("test_flows.py", "test_benchmarks.py", "test_serve.py", "test_report.py", "test_study.py")
 
 
 def pytest_collection_modifyitems(items):

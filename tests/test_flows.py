@@ -105,7 +105,7 @@ def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch
     url = _postgres_url()
     monkeypatch.chdir(tmp_path)
     name = f"workers-{uuid.uuid4().hex[:8]}"
-    raw = tiny_raw(tmp_path, study={"name": name, "storage": url, "n_trials": 4}, search={"epochs": [1, 1]})
+    raw = tiny_raw(tmp_path, study={"name": name, "storage": url, "n_trials": 2}, search={"epochs": [1, 1]})
     toml = write_toml(tmp_path / "tiny.toml", raw)
     study_mod.decode_dataset(tiny_config(tmp_path), show_progress=False)  # both workers then reuse the cache
     workers = [_worker(toml, prefect_api, tmp_path, "--sampler-seed", str(seed)) for seed in (1, 2)]
@@ -113,7 +113,7 @@ def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch
     logs = "\n".join(p.read_text() for p in tmp_path.glob("worker-*.log"))
     assert codes == [0, 0], logs[-4000:]
     study = optuna.load_study(study_name=name, storage=url)
-    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 4
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 2
     assert logs.count("trial(s) to run") == 2  # both workers really joined the study
     assert "Warning" not in logs  # a clean run prints no library warnings
     optuna.delete_study(study_name=name, storage=url)
@@ -145,37 +145,42 @@ def _flow_run_of(api_url: str, study_name: str):
     return run, {t.name: t for t in tasks}
 
 
-def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefect_api, tmp_path):
+def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefect_api, tmp_path, monkeypatch):
     """``--workers 2 --device cpu``: two worker processes as child task runs of one flow run; one is
     killed mid-trial, its task starts it again, the killed trial's parameters run again, and the
     study ends with exactly n_trials; the holdout is scored and the report written once."""
-    raw = tiny_raw(
+    import contextvars
+    import threading
+
+    from flows.study import plan, study_flow
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(
         tmp_path,
-        study={"name": "fanout", "n_trials": 3, "heartbeat_s": 1},
+        study={"name": "fanout", "n_trials": 3, "heartbeat_s": 1, "device": "cpu"},
         search={"unfreeze_depth": [5], "epochs": [2, 2]},  # whole-network epochs: a trial lasts seconds
     )
-    toml = write_toml(tmp_path / "fanout.toml", raw)
-    storage = raw["study"]["storage"]
-    log = open(tmp_path / "parent.log", "w")
-    parent = subprocess.Popen(
-        [sys.executable, "-m", "flows.study", "--config", str(toml), "--workers", "2", "--device", "cpu"],
-        cwd=tmp_path,
-        env={**_worker_env(prefect_api), "PYTHONPATH": str(ROOT)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 240
-        while (victim := _running_with_progress(storage, "fanout")) is None:
-            assert parent.poll() is None, (tmp_path / "parent.log").read_text()[-3000:]
-            assert time.time() < deadline, "no trial got going in time"
-            time.sleep(0.2)
-        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-        assert parent.wait(timeout=400) == 0, (tmp_path / "parent.log").read_text()[-4000:]
-    finally:
-        parent.kill()
-        parent.wait()
-    output = (tmp_path / "parent.log").read_text()
+    storage = cfg.study.storage
+    assert [s.device for s in plan(cfg, 2, None)] == ["cpu", "cpu"]
+    outcome: dict = {}
+
+    def parent() -> None:  # the flow run, in this process (its workers are processes of their own)
+        try:
+            outcome["report"] = study_flow(study=cfg, workers=2)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(parent,), daemon=True)
+    thread.start()
+    deadline = time.time() + 240
+    while (victim := _running_with_progress(storage, "fanout")) is None:
+        assert thread.is_alive(), outcome
+        assert time.time() < deadline, "no trial got going in time"
+        time.sleep(0.2)
+    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+    thread.join(400)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    assert Path(outcome["report"]) == tmp_path / "fanout" / "report.html"
 
     study = optuna.load_study(study_name="fanout", storage=storage)
     trials = study.get_trials(deepcopy=False)
@@ -193,6 +198,6 @@ def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefec
     assert all(t.state.is_completed() for t in workers.values()) and run.state.is_completed()
     assert sum(t.run_count for t in workers.values()) == 3  # one retry: the killed worker's
     assert [name.rsplit("-", 1)[0] for name in tasks].count("score-holdout") == 1  # the holdout, once
-    assert output.count("report:") == 1 and "report of study 'fanout' written to" in output
+    assert [name.rsplit("-", 1)[0] for name in tasks].count("build-report") == 1  # one report
     header = (tmp_path / "fanout" / "report.html").read_text()
     assert "2 workers: 0/2 cpu (" in header and 'data-figure="timeline"' in header  # who ran what, and when
