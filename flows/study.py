@@ -164,6 +164,7 @@ def fan_out(cfg: StudyConfig, index: DatasetIndex, slots: list, command: str, pr
     from prefect.futures import wait
 
     from transferstudy import study as study_mod
+    from transferstudy.workers import SEED_STRIDE
 
     dataset = study_mod.decode_dataset(cfg, index, show_progress=False)
     study = study_mod.start_study(cfg, dataset, len(slots), command)
@@ -171,7 +172,7 @@ def fan_out(cfg: StudyConfig, index: DatasetIndex, slots: list, command: str, pr
     folder.mkdir(parents=True, exist_ok=True)
     futures = []
     for slot in slots:
-        mine = {"device": slot.device, "sampler_seed": cfg.study.sampler_seed + 1000 * slot.index}
+        mine = {"device": slot.device, "sampler_seed": cfg.study.sampler_seed + SEED_STRIDE * slot.index}
         train = {}
         if "feature_memory_fraction" not in cfg.search.space:  # 1/N of the budget each
             train["feature_memory_fraction"] = cfg.train.feature_memory_fraction * slot.memory_share
