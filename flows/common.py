@@ -8,10 +8,15 @@ from collections.abc import Callable
 
 from transferstudy.config import ConfigError
 from transferstudy.datasets.base import DatasetError
-from transferstudy.model import WeightsUnavailableError
 
-#: Errors that mean "your input is wrong": shown as one line, exit status 2.
-USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailableError, FileNotFoundError, ValueError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "your input is wrong": shown as one line, exit status 2. (The weights'
+    error is looked up when one is raised: importing its module imports torch, which a
+    ``--help`` or a bad study file need not wait for.)"""
+    from transferstudy.model import WeightsUnavailableError
+
+    return (ConfigError, DatasetError, WeightsUnavailableError, FileNotFoundError, ValueError)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -43,8 +48,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI body; bad input ends in ``error: <one line>`` and exit status 2."""
     try:
         sys.exit(main() or 0)
-    except USER_ERRORS as exc:
-        if "-v" in sys.argv or "--verbose" in sys.argv:
+    except Exception as exc:
+        if not isinstance(exc, user_errors()) or "-v" in sys.argv or "--verbose" in sys.argv:
             raise  # the whole traceback, for a bug that looks like bad input
         message = " ".join(str(exc).split("\n")[0].split()) if not isinstance(exc, DatasetError) else str(exc)
         print(f"error: {message}", file=sys.stderr)

@@ -6,6 +6,8 @@
     python -m flows.study --n-trials 40 --storage postgresql://user:pw@host/optuna  # one worker of many
     python -m flows.study --workers 4                      # four worker processes, GPUs dealt out in turn
     python -m flows.study --devices all                    # one worker per visible GPU
+    python -m flows.study --deploy --pool gpus             # register the study-worker deployment on a work pool
+    python -m flows.study --pool gpus --workers 8          # eight worker runs there (prefect worker start --pool gpus)
     python -m flows.study --serve --cron "0 3 * * *"       # a scheduled deployment (needs a Prefect server)
 
 The flow's one parameter is the whole study configuration (``transferstudy.config.StudyConfig``):
@@ -15,7 +17,9 @@ Re-running the same command resumes the study up to ``n_trials`` finished trials
 
 import argparse
 import logging
+import os
 import shlex
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +31,6 @@ from flows.common import artifact_key, engine_logging, run_cli, setup_logging
 from transferstudy import config as config_mod
 from transferstudy.config import StudyConfig
 from transferstudy.datasets.base import DatasetIndex
-from transferstudy.images.cache import cache_status
 
 log = logging.getLogger("transferstudy.flows")
 
@@ -191,6 +194,116 @@ def fan_out(cfg: StudyConfig, index: DatasetIndex, slots: list, command: str, pr
     return {"workers": len(slots)}
 
 
+#: The study-worker deployment on work pool NAME is ``study-worker/NAME`` (``deploy_worker``).
+WORKER_FLOW = "study-worker"
+
+
+def run_on_pool(cfg: StudyConfig, index: DatasetIndex, pool: str, count: int, command: str, progress_id) -> dict:
+    """Run the study as ``count`` runs of the study-worker deployment on work pool ``pool``
+    (``run_deployment``; child runs of this flow run) and wait for them, keeping the progress
+    artifact up to date from the storage.
+
+    Raises:
+        RuntimeError: a worker run did not complete (``await_runs``).
+    """
+    from prefect.deployments import run_deployment
+
+    from transferstudy import study as study_mod
+    from transferstudy.workers import SEED_STRIDE
+
+    dataset = study_mod.decode_dataset(cfg, index, show_progress=False)
+    study = study_mod.start_study(cfg, dataset, count, command)
+    runs = []
+    for i in range(count):
+        mine = cfg.with_overrides(study={"sampler_seed": cfg.study.sampler_seed + SEED_STRIDE * i})
+        name = f"{i}/{count} pool {pool}"
+        run = run_deployment(
+            f"{WORKER_FLOW}/{pool}",
+            parameters={"study": mine.model_dump(mode="json"), "worker": name, "workdir": os.getcwd()},
+            flow_run_name=f"study-worker-{i} ({cfg.study.name})",
+            timeout=0,  # started, not awaited: the N runs go side by side
+        )
+        log.info("worker %s: flow run %s on work pool %r", name, run.id, pool)
+        runs.append((name, run.id))
+    await_runs(runs, pool, on_poll=lambda: _progress(progress_id, study_mod.count_finished(study), cfg))
+    _progress(progress_id, study_mod.count_finished(study), cfg)
+    return {"workers": count}
+
+
+def await_runs(
+    runs: list[tuple[str, object]], pool: str, poll_s: float = 2.0, on_poll=None, nudge_s: float = 60
+) -> None:
+    """Wait until every flow run of ``runs`` (name, id) has ended.
+
+    Raises:
+        RuntimeError: some did not complete (failed, crashed, cancelled); the message names each,
+            with its state, after all have ended. Trials they finished stay in the storage.
+    """
+    from prefect.client.orchestration import get_client
+
+    waiting, ended, since, nudged = dict(runs), {}, time.monotonic(), False
+    with get_client(sync_client=True) as client:
+        while waiting:
+            for name, run_id in list(waiting.items()):
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.is_final():
+                    ended[name] = state
+                    del waiting[name]
+            if on_poll is not None:
+                on_poll()
+            if waiting and not nudged and time.monotonic() - since > nudge_s and len(ended) + len(waiting) == len(runs):
+                states = [client.read_flow_run(i).state for i in waiting.values()]
+                if all(s is None or s.is_scheduled() or s.is_pending() for s in states):
+                    log.warning(
+                        "no worker of work pool %r has started a run in %.0f s; start one per GPU with "
+                        "`prefect worker start --pool %s --limit 1`",
+                        pool,
+                        nudge_s,
+                        pool,
+                    )
+                    nudged = True
+            if waiting:
+                time.sleep(poll_s)
+    failed = {name: state for name, state in ended.items() if not state.is_completed()}
+    if failed:
+        names = "; ".join(f"{name} ({state.name}: {state.message or 'see its logs'})" for name, state in failed.items())
+        raise RuntimeError(
+            f"{len(failed)} of {len(runs)} study-worker runs on work pool {pool!r} did not complete: {names}. "
+            "Their logs are in the Prefect UI; the trials they finished are kept in the storage."
+        )
+
+
+def deploy_worker(pool: str, image: str | None = None):
+    """Register the study-worker deployment ``study-worker/<pool>`` on work pool ``pool``; create
+    a process work pool of that name when there is none. Returns the deployment id.
+
+    The flow is named by its module (``flows.worker.worker_flow``): a Prefect worker runs it
+    wherever this project is installed (``pip install``), or from ``image`` on a container pool.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.worker import worker_flow
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            log.info("created process work pool %r", pool)
+    return worker_flow.deploy(
+        name=pool,
+        work_pool_name=pool,
+        image=image,
+        build=False,
+        push=False,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        print_next_steps=False,
+    )
+
+
 @task(name="confirm", cache_policy=NO_CACHE)
 def confirm(cfg: StudyConfig, index: DatasetIndex) -> dict | None:
     """Retrain the best setting of each depth with several seeds at one train_ratio (``[confirm]``);
@@ -222,13 +335,15 @@ def refit_model(cfg: StudyConfig, index: DatasetIndex) -> dict | None:
 
 @task(name="build-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def build_report(cfg: StudyConfig) -> str:
-    """Write the self-contained HTML report from the study's storage."""
+    """Write the self-contained HTML report from the study's storage; store it with the study's
+    artifacts too."""
     from flows.report import rebuild_command
     from transferstudy.report import build_report as build
+    from transferstudy.study import artifacts, open_study
 
-    return str(
-        build(cfg.study.storage, cfg.study.name, rebuild_command=rebuild_command(cfg.study.name, cfg.study.storage))
-    )
+    path = build(cfg.study.storage, cfg.study.name, rebuild_command=rebuild_command(cfg.study.name, cfg.study.storage))
+    artifacts.put_study_files(open_study(cfg), cfg, [path])
+    return str(path)
 
 
 def reproduce_command(cfg: StudyConfig) -> str:
@@ -242,6 +357,7 @@ def study_flow(
     report: bool = True,
     workers: int | None = None,
     devices: str | None = None,
+    pool: str | None = None,
 ) -> str | None:
     """Open and decode the dataset, run (or resume) the study, confirm the best setting of each
     depth, refit and export the chosen configuration, write the report; returns the report path.
@@ -254,16 +370,22 @@ def study_flow(
             tasks), each pinned to one device; unset with ``devices`` unset: in this process.
         devices: the workers' devices: ``all`` (every visible GPU) or ``cuda:0,cuda:1,...``;
             unset: the study's ``device``.
+        pool: run the trials as ``workers`` (default 1) runs of the study-worker deployment on
+            this Prefect work pool (``--deploy --pool``) instead, on whatever machines its workers are.
     """
     engine_logging()
     index = open_dataset(study)
+    from transferstudy.images.cache import cache_status  # (torch: imported once a run starts, not for --help)
+
     key, healthy = cache_status(index, study.data.image_size, study.data.cache_dir, study.data.resize_mode)
     decode_images.with_options(refresh_cache=not healthy)(study, index, key)  # a damaged cache is rebuilt
     key = artifact_key(study.study.name)
     progress_id = create_progress_artifact(
         0.0, key=f"{key}-progress", description=f"finished trials of {study.study.name} (of {study.study.n_trials})"
     )
-    if workers is None and devices is None:
+    if pool:
+        run_on_pool(study, index, pool, workers or 1, reproduce_command(study), progress_id)
+    elif workers is None and devices is None:
         run_study(study, index, reproduce_command(study), progress_id)
     else:
         fan_out(study, index, plan(study, workers, devices), reproduce_command(study), progress_id)
@@ -357,6 +479,18 @@ def _parser() -> argparse.ArgumentParser:
         "--devices",
         help='the workers\' devices: "all" (every visible GPU, one worker each) or "cuda:0,cuda:1,..."',
     )
+    p.add_argument(
+        "--pool",
+        help="run the trials as --workers N runs of the study-worker deployment on this Prefect work pool "
+        "(register it first with --deploy --pool NAME; start `prefect worker start --pool NAME --limit 1` per GPU)",
+    )
+    p.add_argument(
+        "--deploy",
+        action="store_true",
+        help="register the study-worker deployment on --pool NAME (a process work pool is created if there "
+        "is none), then exit",
+    )
+    p.add_argument("--image", help="with --deploy: container image of a Docker or Kubernetes work pool")
     p.add_argument("--serve", action="store_true", help="serve a deployment of this flow (Prefect server needed)")
     p.add_argument("--cron", help='with --serve: schedule, e.g. "0 3 * * *"')
     p.add_argument("--interval", type=float, help="with --serve: run every this many seconds")
@@ -370,8 +504,22 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     # Validate before Prefect starts, so bad input is one line, not a failed flow run.
     cfg = resolve_config(args.config, args.overrides, **{_dest(f): getattr(args, _dest(f)) for f in ALIASES})
-    fan = {"workers": args.workers, "devices": args.devices}
-    if args.workers is not None or args.devices is not None:
+    if args.deploy:
+        if not args.pool:
+            raise ValueError("--deploy needs --pool NAME (the work pool to register the study-worker deployment on)")
+        deployment = deploy_worker(args.pool, args.image)
+        print(
+            f"deployment '{WORKER_FLOW}/{args.pool}' ({deployment}) on work pool {args.pool!r}\n"
+            f"start a worker per GPU slot:  prefect worker start --pool {args.pool} --limit 1\n"
+            f"run a study there:            python -m flows.study --config FILE --pool {args.pool} --workers N"
+        )
+        return 0
+    if args.pool and args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.pool and args.devices:
+        raise ValueError("--pool and --devices: a work pool's devices are its workers' (CUDA_VISIBLE_DEVICES of each)")
+    fan = {"workers": args.workers, "devices": args.devices, "pool": args.pool}
+    if args.pool is None and (args.workers is not None or args.devices is not None):
         plan(cfg, args.workers, args.devices)  # a bad device list is one line, before Prefect starts
     if args.serve:
         if not (args.cron or args.interval):
@@ -389,7 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstudy {cfg.study.name!r} in {cfg.study.storage}")
     if report:
         print(f"report:    {report}")
-    print(f"dashboard: optuna-dashboard {cfg.study.storage}")
+    from transferstudy.study.artifacts import store_location
+
+    where = store_location(cfg)
+    files = "" if where.startswith("s3://") else f" --artifact-dir {shlex.quote(where)}"
+    print(f"dashboard: optuna-dashboard {cfg.study.storage}{files}")
     return 0
 
 

@@ -109,15 +109,22 @@ def _wait_for_deployment(api: str, name: str, proc: subprocess.Popen, seconds: f
     raise AssertionError(f"deployment {name!r} was not registered within {seconds} s")
 
 
-def test_dashboard_lists_the_study(tmp_path, monkeypatch):
+def test_dashboard_lists_the_study_and_shows_a_trials_checkpoint(tmp_path, monkeypatch):
+    """optuna-dashboard on our storage, with --artifact-dir at the study's artifact store: the
+    study is listed, and its trial's checkpoint is an artifact the dashboard serves."""
+    from transferstudy.study import artifacts
+
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path, study={"n_trials": 1}, search={"epochs": [1, 1]})
     study_mod.run_study(cfg)
+    store = artifacts.store_location(cfg)
     port = free_port()
     dashboard = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "optuna-dashboard"),
             cfg.study.storage,
+            "--artifact-dir",
+            store,
             "--host",
             "127.0.0.1",
             "--port",
@@ -127,8 +134,14 @@ def test_dashboard_lists_the_study(tmp_path, monkeypatch):
         stderr=subprocess.DEVNULL,
     )
     try:
-        body = wait_http(f"http://127.0.0.1:{port}/api/studies", dashboard, 60)
-        names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
-        assert names == ["tiny"]
+        base = f"http://127.0.0.1:{port}"
+        summaries = json.loads(wait_http(f"{base}/api/studies", dashboard, 60))["study_summaries"]
+        assert [s["study_name"] for s in summaries] == ["tiny"]
+        study_id = summaries[0]["study_id"]
+        trial = json.loads(wait_http(f"{base}/api/studies/{study_id}", dashboard, 10))["trials"][0]
+        [meta] = trial["artifacts"]
+        assert meta["filename"] == "trial_0000.pt"
+        body = wait_http(f"{base}/artifacts/{study_id}/{trial['trial_id']}/{meta['artifact_id']}", dashboard, 10)
+        assert body == (Path(store) / meta["artifact_id"]).read_bytes()
     finally:
         stop(dashboard)

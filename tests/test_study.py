@@ -97,19 +97,50 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
     assert _states(study).count(TrialState.COMPLETE) == 2
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the other worker's trial is made with ask/tell
 def test_holdout_scores_and_checkpoint_policy(tmp_path):
-    cfg = tiny_config(tmp_path, study={"n_trials": 3})
-    study = study_mod.run_study(cfg)
+    """Checkpoints live in the artifact store. A worker removes only its own that leave the top,
+    never another worker's; the holdout scoring (the parent's, once per study) reads them
+    whoever wrote them, keeps the best trial's only and stores it as best.pt."""
+    cfg = tiny_config(tmp_path, study={"n_trials": 4, "report_top_k": 2})
+    foreign = _trial_of_another_worker(study_mod.open_study(cfg), tmp_path)  # last in any ranking
+    study = study_mod.run_study(cfg)  # three trials of its own
+    store = tmp_path / "tiny" / "artifacts"  # the default artifact store
+
+    def stored(trial):
+        return (store / str(trial.user_attrs.get("checkpoint_artifact"))).is_file()
+
+    top = study_mod.top_trials(study, 2)
+    assert stored(study.trials[foreign]) and foreign not in {t.number for t in top}  # left to its worker
+    own = [t for t in study.trials if t.number != foreign]
+    assert len(own) == 3 and {t.number for t in own if stored(t)} <= {t.number for t in top}
+
     prepared = study_mod.decode_dataset(cfg, show_progress=False)
     detail = study_mod.score_holdout(study, cfg, prepared)
-    best = study_mod.top_trials(study, 1)[0]  # ranked on the common validation subset
+    best = top[0]  # ranked on the common validation subset
     assert detail["trial"] == best.number
     assert len(detail["confusion"]) == 10 and 0.0 <= detail["accuracy"] <= 1.0
-    assert set(study.user_attrs["holdout_top"]) == {str(t.number) for t in study_mod.top_trials(study, 2)}
-    kept = sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").glob("*.pt"))
-    assert kept == [f"trial_{best.number:04d}.pt"]
-    assert (tmp_path / "tiny" / "best.pt").is_file()
+    assert set(study.user_attrs["holdout_top"]) == {str(t.number) for t in top}
+    assert [t.number for t in study.trials if stored(t)] == [best.number]  # the foreign one too: the parent's job
+    best_pt = (tmp_path / "tiny" / "best.pt").read_bytes()
+    assert (store / study.user_attrs["files"]["best.pt"]).read_bytes() == best_pt  # stored as a study artifact
     assert math.isfinite(study.user_attrs["holdout_top"][str(best.number)]["macro_f1"])
+
+
+def _trial_of_another_worker(study, tmp_path) -> int:
+    """A complete trial another process ran, with a checkpoint in the store, ranked below any other."""
+    from transferstudy.study import artifacts
+
+    trial = study.ask()
+    dummy = tmp_path / "elsewhere.pt"
+    dummy.write_bytes(b"a checkpoint written on another machine")
+    (tmp_path / "tiny" / "artifacts").mkdir(parents=True)
+    store = optuna.artifacts.FileSystemArtifactStore(tmp_path / "tiny" / "artifacts")
+    trial.set_user_attr("checkpoint_artifact", artifacts.put_trial_file(trial, store, dummy))
+    trial.set_user_attr("worker", {"host": "elsewhere", "pid": 1, "worker": "1/2 cuda:1"})
+    trial.set_user_attr("common_val", -1.0)
+    study.tell(trial, -1.0)
+    return trial.number
 
 
 def test_unreachable_storage_names_the_url(tmp_path):

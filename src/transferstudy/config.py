@@ -95,9 +95,15 @@ class StudySection(_Section):
         "n_trials, so every depth gets an answer; 0 = off",
     )
     keep_checkpoints: KeepCheckpoints = Field(
-        "best", description="trained models kept on disk: best, all, or none (then no holdout scores)"
+        "best", description="trial checkpoints kept in the artifact store: best, all, or none (then no holdout scores)"
     )
-    output_dir: str = Field("studies", description="results go to <output_dir>/<name>/ (report, checkpoints, config)")
+    output_dir: str = Field("studies", description="results go to <output_dir>/<name>/ (report, model, config)")
+    artifact_store: str = Field(
+        "",
+        description="Optuna artifact store for checkpoints, best.pt, the model and the report: a folder "
+        "(shared by every worker), or s3://bucket (boto3; AWS_ENDPOINT_URL for other S3 services); "
+        "empty: <output_dir>/<name>/artifacts",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     heartbeat_s: int = Field(
         30, ge=1, description="RDB heartbeat interval: a trial silent for 2x this is retried (seconds, >= 1)"

@@ -8,8 +8,10 @@ Modules: ``dataset`` (open and decode once), ``space`` (search space), ``objecti
 trial), ``runner`` (storage, sampler, pruner, resume), ``holdout`` (scoring the best trials),
 ``confirm`` (the best setting of each depth retrained with several seeds: the answer with n and
 an interval), ``ranking`` (the best trials, on the common validation subset),
-``refit`` (the chosen configuration trained on the whole pool, scored and exported), ``attrs``
-(the names of everything the study stores; the report reads them back from there).
+``refit`` (the chosen configuration trained on the whole pool, scored and exported),
+``artifacts`` (checkpoints, ``best.pt``, the model and the report in Optuna's artifact store,
+readable by whichever machine runs the once-per-study work), ``attrs`` (the names of
+everything the study stores; the report reads them back from there).
 
 Studies resume: running the same study again continues up to ``n_trials`` finished trials in
 total. Trials of a killed worker stop sending heartbeats; the next run marks them failed and

@@ -20,6 +20,8 @@ STUDY_WEIGHTS = "weights"  # what the backbone held: requested, used, warning
 STUDY_HOLDOUT = "holdout"  # the best trial's detailed holdout scores
 STUDY_HOLDOUT_TOP = "holdout_top"  # holdout summary per top trial number (str)
 STUDY_REFIT = "refit"  # the refit model: source trial, settings, train samples, holdout scores, files
+STUDY_FILES = "files"  # study artifacts (``study.artifacts``): name (best.pt, model/..., report.html) -> artifact id
+STUDY_BEST_CHECKPOINT = "best_checkpoint"  # the checkpoint artifact best.pt was copied from
 
 # Trial user attrs.
 TRIAL_HISTORY = "history"  # one dict per epoch (train.EpochRecord)
@@ -32,7 +34,7 @@ TRIAL_DEVICE = "device"
 TRIAL_WORKER = "worker"  # {"host", "pid", "worker"}: the process that ran the trial (``workers.identity``)
 TRIAL_WEIGHTS = "weights"
 TRIAL_SPLIT_SIZES = "split_sizes"
-TRIAL_CHECKPOINT = "checkpoint"  # path; the file is deleted when the trial leaves the top
+TRIAL_CHECKPOINT = "checkpoint_artifact"  # artifact id (``study.artifacts``); removed when the trial leaves the top
 TRIAL_FEATURE_CACHE = "feature_cache"
 TRIAL_ERROR = "error"
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -13,12 +11,10 @@ from optuna.trial import TrialState
 from .. import runtime
 from ..config import StudyConfig
 from ..images.batches import DeviceData
-from ..model import load_checkpoint
 from ..train import evaluate
-from . import attrs, ranking
+from . import artifacts, attrs, ranking
 from .attrs import fmt_param
 from .dataset import DecodedData
-from .objective import checkpoint_dir, drop_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +28,8 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
 def score_holdout(
     study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, device: str | None = None
 ) -> dict | None:
-    """Score the best trials' kept checkpoints on the holdout; prune the checkpoints to policy.
+    """Score the best trials' kept checkpoints (read from the artifact store, whichever worker
+    wrote them) on the holdout; prune the checkpoints to policy and store ``best.pt``.
 
     Each top trial gets a ``holdout`` summary attribute; the best one's full scores
     (confusion matrix, per-class report, misclassified examples, how many holdout images were
@@ -56,11 +53,11 @@ def score_holdout(
     # Earlier runs' scores stay: their checkpoints may be gone, their results are not.
     summaries: dict[str, dict] = dict(study.user_attrs.get(attrs.STUDY_HOLDOUT_TOP, {}))
     best_detail = None
+    store = artifacts.open_store(cfg)
     for rank, trial in enumerate(top_trials(study, cfg.study.report_top_k)):
-        path = trial.user_attrs.get(attrs.TRIAL_CHECKPOINT)
-        if not path or not Path(path).is_file():
+        model = artifacts.load_trial_checkpoint(store, trial, dev)
+        if model is None:
             continue
-        model, _ = load_checkpoint(path, dev)
         result = evaluate(model, data, rows.scored, dev)
         scores = result.scores(cache.num_classes)
         summaries[str(trial.number)] = scores.summary()
@@ -90,18 +87,23 @@ def score_holdout(
     study.set_user_attr(attrs.STUDY_HOLDOUT_TOP, summaries)
     if best_detail is not None:
         study.set_user_attr(attrs.STUDY_HOLDOUT, best_detail)
-        _prune_checkpoints(study, cfg, best_detail["trial"])
+        prune_checkpoints(study, cfg, store, best_detail["trial"])
     return best_detail
 
 
-def _prune_checkpoints(study: optuna.Study, cfg: StudyConfig, best_number: int) -> None:
+def prune_checkpoints(study: optuna.Study, cfg: StudyConfig, store, best_number: int) -> None:
+    """Keep the best trial's checkpoint only (``keep_checkpoints = "best"``), whichever worker
+    wrote each, and store it as the study's ``best.pt`` (also written to the results folder)."""
+    best = study.trials[best_number]
     if cfg.study.keep_checkpoints != "all":
         for trial in study.get_trials(deepcopy=False):
             if trial.number != best_number:
-                drop_checkpoint(trial)
-    best = checkpoint_dir(cfg) / f"trial_{best_number:04d}.pt"
-    if best.is_file():
-        shutil.copyfile(best, cfg.result_dir / "best.pt")
+                artifacts.remove(store, artifacts.checkpoint_id(trial))
+    best_id = artifacts.checkpoint_id(best)
+    if best_id and study.user_attrs.get(attrs.STUDY_BEST_CHECKPOINT) != best_id:  # a new best trial
+        path = artifacts.fetch(store, best_id, cfg.result_dir / "best.pt")
+        artifacts.put_study_file(study, store, path)
+        study.set_user_attr(attrs.STUDY_BEST_CHECKPOINT, best_id)
 
 
 def results_table(study: optuna.Study, k: int = 10) -> list[dict]:

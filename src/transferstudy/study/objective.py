@@ -1,9 +1,11 @@
-"""The Optuna objective: one fine-tuning run per trial, scored on validation, top checkpoints kept."""
+"""The Optuna objective: one fine-tuning run per trial, scored on validation, top checkpoints kept
+(in the study's artifact store, ``study.artifacts``)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from ..model import save_checkpoint
 from ..splits import common_validation
 from ..train import EpochRecord, NonFiniteLossError, evaluate
 from ..trial import TrialOutcome, TrialRunner
-from . import attrs, ranking
+from . import artifacts, attrs, ranking
 from .attrs import FINISHED
 from .dataset import DecodedData
 from .design import taken_by
@@ -60,6 +62,7 @@ class Objective:
         #: The study attr ``regime``: the views every trial trains on (written by the first trial started here).
         self.regime = self.runner.regime(cfg.train).describe()
         self._regime_stored = False
+        self.store = artifacts.open_store(cfg) if cfg.study.keep_checkpoints != "none" else None
 
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
         _refuse_surplus(trial, self.cfg.study.n_trials)
@@ -125,12 +128,13 @@ class Objective:
             self._regime_stored = True
 
     def _keep_checkpoint(self, trial: optuna.Trial, model, value: float) -> None:
-        """Save this trial's model while it ranks among the top ``report_top_k``.
+        """Store this trial's model in the artifact store while it ranks among the top ``report_top_k``.
 
-        The holdout scores of the top trials need their models; checkpoints this process wrote
-        that fall out of the top are deleted as the study goes, so disk use stays near
-        ``report_top_k`` models per worker. Another worker's files are left to it, and the rest
-        to the holdout scoring, which runs once per study (``holdout._prune_checkpoints``).
+        The holdout scores of the top trials need their models, read back by the parent from the
+        store whichever machine ran the trial. Checkpoints of this process's own trials that fall
+        out of the top are removed as the study goes, so the store holds about ``report_top_k``
+        models per worker. Another worker's checkpoints are left to it, and the rest to the
+        holdout scoring, which runs once per study (``holdout.prune_checkpoints``).
         """
         k = self.cfg.study.report_top_k
         done = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
@@ -148,21 +152,21 @@ class Objective:
         if not keep_all and all(r[2] is not None for r in ranked[:k]):
             return
         cache = self.dataset.cache
-        path = checkpoint_dir(self.cfg) / f"trial_{trial.number:04d}.pt"
-        save_checkpoint(
-            path,
-            model,
-            cache.class_names,
-            cache.image_size,
-            cache.resize_mode,
-            {"trial": trial.number, "params": trial.params},
-        )
-        trial.set_user_attr(attrs.TRIAL_CHECKPOINT, str(path))
+        with tempfile.TemporaryDirectory(prefix="transferstudy-ckpt-") as tmp:
+            path = save_checkpoint(
+                Path(tmp) / f"trial_{trial.number:04d}.pt",
+                model,
+                cache.class_names,
+                cache.image_size,
+                cache.resize_mode,
+                {"trial": trial.number, "params": trial.params},
+            )
+            trial.set_user_attr(attrs.TRIAL_CHECKPOINT, artifacts.put_trial_file(trial, self.store, path))
         if not keep_all:
             me = workers.identity()
             for _, _, old in ranked[k:]:
                 if old is not None and _written_by(old, me):
-                    drop_checkpoint(old)
+                    artifacts.remove(self.store, artifacts.checkpoint_id(old))
 
 
 def _written_by(trial: optuna.trial.FrozenTrial, me: dict) -> bool:
@@ -211,13 +215,6 @@ def subset_score(
     return macro_f1(result.labels, result.probs.argmax(1), outcome.model.num_classes)
 
 
-def drop_checkpoint(trial: optuna.trial.FrozenTrial) -> None:
-    """Delete a trial's checkpoint file (finished trials are read-only: the attribute stays)."""
-    path = trial.user_attrs.get(attrs.TRIAL_CHECKPOINT)
-    if path:
-        Path(path).unlink(missing_ok=True)
-
-
 def _set_attrs(trial: optuna.trial.BaseTrial, values: dict) -> None:
     for key, value in values.items():
         trial.set_user_attr(key, value)
@@ -247,7 +244,3 @@ def refuse(trial: optuna.Trial, reason: str) -> None:
 def is_refused(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial failed as a surplus one: it never trained, and says nothing about the study."""
     return str(trial.user_attrs.get(attrs.TRIAL_ERROR, "")).startswith(SURPLUS)
-
-
-def checkpoint_dir(cfg: StudyConfig) -> Path:
-    return (cfg.result_dir / "checkpoints").resolve()

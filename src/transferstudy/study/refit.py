@@ -39,7 +39,7 @@ from ..metrics import ClassificationScores, score, top_confused_pairs
 from ..model import STAGE_NAMES, TransferNet, save_checkpoint
 from ..splits import HoldoutRows, Splits
 from ..train import evaluate
-from . import attrs
+from . import artifacts, attrs
 from .dataset import DecodedData
 from .holdout import top_trials
 from .objective import study_runner
@@ -106,6 +106,7 @@ def refit_best(study: optuna.Study, cfg: StudyConfig, dataset: DecodedData, devi
     }
     meta = {k: summary[k] for k in ("trial", "params", "seed", "weights", "train_samples", "holdout", "holdout_tta")}
     summary.update(save_model(outcome.model, cache, cfg.result_dir, {"study": study.study_name, **meta}, rows.scored))
+    artifacts.put_study_files(study, cfg, [Path(f) for f in summary["files"]])  # for whoever runs the report
     summary["seconds"] = time.perf_counter() - started
     del runner, outcome
     runtime.release_memory(dev)
