@@ -273,19 +273,55 @@ def await_runs(
         )
 
 
+@flow(name="study-worker")
+def worker_flow(study: StudyConfig, worker: str = "pool", workdir: str | None = None) -> int:
+    """One worker of a study on a work pool: run its trials until the study has ``n_trials``
+    finished trials; returns that count.
+
+    Args:
+        study: the study configuration (the parent's, with this worker's sampler seed).
+        worker: the worker's name, stored with each trial it runs.
+        workdir: the parent's working folder: relative paths of the study (storage, data, results)
+            are read from there when this machine has it (the same machine, or a shared mount).
+    """
+    from transferstudy.workers import WORKER_ENV
+
+    engine_logging()
+    _send_engine_lines()
+    if workdir and Path(workdir).is_dir():
+        os.chdir(workdir)
+    elif workdir:
+        log.warning(
+            "working folder %s is not on this machine; relative study paths are read from %s", workdir, os.getcwd()
+        )
+    os.environ[WORKER_ENV] = worker  # recorded with every trial of this run (``workers.identity``)
+    from flows.worker import work
+
+    return work(study)
+
+
+def _send_engine_lines() -> None:
+    """Engine lines to this flow run's logs. A Prefect worker starts the run in a process of its
+    own whose Prefect logging was set up before ``flows`` could set PREFECT_LOGGING_EXTRA_LOGGERS,
+    so the engine's logger lacks the handler that sends to the API; the process is this run's alone."""
+    from prefect.logging.handlers import APILogHandler
+
+    engine = logging.getLogger("transferstudy")
+    if not any(isinstance(h, APILogHandler) for h in engine.handlers):
+        engine.addHandler(APILogHandler())
+
+
 def deploy_worker(pool: str, image: str | None = None):
     """Register the study-worker deployment ``study-worker/<pool>`` on work pool ``pool``; create
     a process work pool of that name when there is none. Returns the deployment id.
 
-    The flow is named by its module (``flows.worker.worker_flow``): a Prefect worker runs it
+    The flow is named by its module (``flows.study.worker_flow``): a Prefect worker runs it
     wherever this project is installed (``pip install``), or from ``image`` on a container pool.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
     from prefect.types.entrypoint import EntrypointType
-
-    from flows.worker import worker_flow
 
     with get_client(sync_client=True) as client:
         try:

@@ -5,10 +5,12 @@ Two ways in, one body (``work``):
 - ``python -m flows.worker --config FILE``: a worker process of a one-node fan-out
   (``python -m flows.study --workers N``). The parent's ``study-worker`` task starts it with
   its device pinned through the environment (``transferstudy.workers``) and relays its log lines.
-- the ``study-worker`` flow: a worker on a Prefect work pool (``python -m flows.study --deploy
-  --pool NAME`` registers it; ``python -m flows.study --pool NAME --workers N`` starts N runs of
-  it, as children of the parent's flow run). Its device is the one its Prefect worker sees
-  (start one worker per GPU with ``CUDA_VISIBLE_DEVICES`` set).
+- the ``study-worker`` flow (``flows.study.worker_flow``): a worker on a Prefect work pool
+  (``python -m flows.study --deploy --pool NAME`` registers it; ``python -m flows.study --pool
+  NAME --workers N`` starts N runs of it, as children of the parent's flow run). Its device is
+  the one its Prefect worker sees (start one worker per GPU with ``CUDA_VISIBLE_DEVICES`` set).
+
+This module does not import Prefect: a fan-out's worker processes do not need it.
 
 Either way the parent does the once-per-study work (holdout, confirmation, refit, report) after
 every worker has ended, reading the workers' checkpoints from the study's artifact store.
@@ -18,58 +20,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
 
-from prefect import flow
-
-from flows.common import engine_logging, run_cli, setup_logging
+from flows.common import run_cli, setup_logging
 from transferstudy.config import StudyConfig, load_config
-from transferstudy.workers import WORKER_ENV
 
 log = logging.getLogger("transferstudy.flows")
 
 
 def work(cfg: StudyConfig) -> int:
     """Run trials of the study until it is full; returns its finished-trial count."""
+    from transferstudy.datasets.open import open_study_dataset
+
+    # The dataset first: a machine without it fails in seconds, before the training engine loads.
+    index = open_study_dataset(cfg.data.path, cfg.data.format, cfg.data.demo_per_class)
     from transferstudy import study as study_mod
 
-    dataset = study_mod.decode_dataset(cfg, show_progress=False)  # the decode cache of this machine
+    dataset = study_mod.decode_dataset(cfg, index, show_progress=False)  # the decode cache of this machine
     return study_mod.count_finished(study_mod.run_study(cfg, dataset, save_config=False))
-
-
-@flow(name="study-worker")
-def worker_flow(study: StudyConfig, worker: str = "pool", workdir: str | None = None) -> int:
-    """One worker of a study on a work pool: run its trials until the study has ``n_trials``
-    finished trials; returns that count.
-
-    Args:
-        study: the study configuration (the parent's, with this worker's sampler seed).
-        worker: the worker's name, stored with each trial it runs.
-        workdir: the parent's working folder: relative paths of the study (storage, data, results)
-            are read from there when this machine has it (the same machine, or a shared mount).
-    """
-    engine_logging()
-    _send_engine_lines()
-    if workdir and Path(workdir).is_dir():
-        os.chdir(workdir)
-    elif workdir:
-        log.warning(
-            "working folder %s is not on this machine; relative study paths are read from %s", workdir, os.getcwd()
-        )
-    os.environ[WORKER_ENV] = worker  # recorded with every trial of this run (``workers.identity``)
-    return work(study)
-
-
-def _send_engine_lines() -> None:
-    """Engine lines to this flow run's logs. A Prefect worker starts the run in a process of its
-    own whose Prefect logging was set up before ``flows`` could set PREFECT_LOGGING_EXTRA_LOGGERS,
-    so the engine's logger lacks the handler that sends to the API; the process is this run's alone."""
-    from prefect.logging.handlers import APILogHandler
-
-    engine = logging.getLogger("transferstudy")
-    if not any(isinstance(h, APILogHandler) for h in engine.handlers):
-        engine.addHandler(APILogHandler())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,22 @@ def write_class_folders(
 
 #: The longest test files, run first: ``make test`` runs each file in one of two processes (in
 #: collection order: --no-loadscope-reorder), and a long file handed out last would finish alone
-#: while the other process idles. The two with many processes of their own start apart.
-SLOW_FIRST = ("test_flows.py", "test_benchmarks.py", "test_serve.py", "test_report.py", "test_study.py")
+#: while the other process idles (measured with ``--durations=0``). The three files that start
+#: processes of their own (flows, pool, serve) are spread out: together they would starve each other.
+SLOW_FIRST = (
+    "test_flows.py",
+    "test_benchmarks.py",
+    "test_study.py",
+    "test_pool.py",
+    "test_refit.py",
+    "test_regime.py",
+    "test_serve.py",
+    "test_report_browser.py",
+    "test_export.py",
+    "test_features.py",
+    "test_report.py",
+    "test_confirm.py",
+)
 
 
 def pytest_collection_modifyitems(items):

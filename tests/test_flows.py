@@ -58,7 +58,7 @@ def test_study_flow_leaves_study_report_and_caches_preparation(prefect_api, tmp_
     from flows.study import study_flow
 
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_config(tmp_path, confirm={"enabled": True, "seeds": 2})
+    cfg = tiny_config(tmp_path, search={"epochs": [1, 1]}, confirm={"enabled": True, "seeds": 2})
     state = study_flow(study=cfg, return_state=True)
     report = Path(state.result())
     assert report.is_file() and report.name == "report.html"
@@ -69,7 +69,8 @@ def test_study_flow_leaves_study_report_and_caches_preparation(prefect_api, tmp_
     assert [g["metric"]["n"] for g in study.user_attrs["confirmation"]["depths"]] == [2, 2]
     assert 'data-figure="confirmation"' in report.read_text()
 
-    again = study_flow(study=cfg.with_overrides(study={"n_trials": 3}), return_state=True)  # resume: one more trial
+    # Resume: one more trial (the once-per-study work after it is what the first run showed).
+    again = study_flow(study=cfg.with_overrides(study={"n_trials": 3}), report=False, return_state=True)
     assert _task_states(again)["decode-images"] == "Cached"  # unchanged dataset, not decoded twice
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
@@ -157,7 +158,7 @@ def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefec
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(
         tmp_path,
-        study={"name": "fanout", "n_trials": 3, "heartbeat_s": 1, "device": "cpu"},
+        study={"name": "fanout", "n_trials": 3, "heartbeat_s": 2, "device": "cpu"},
         search={"unfreeze_depth": [5], "epochs": [2, 2]},  # whole-network epochs: a trial lasts seconds
     )
     storage = cfg.study.storage
@@ -187,8 +188,9 @@ def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefec
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3  # exactly n_trials, though two processes ran them and one died
     assert next(t for t in trials if t.number == victim.number).state == TrialState.FAIL
-    rerun = [t for t in complete if t.system_attrs.get("failed_trial") == victim.number]
-    assert rerun and rerun[0].params == victim.params
+    # Its parameters ran again: as the storage's retry of the stale trial (system attr failed_trial),
+    # or, for a starting-design entry, as the entry's other copy (each worker enqueues missing ones).
+    assert any(t.params == victim.params for t in complete)
     ran = {t.user_attrs["worker"]["worker"] for t in trials if "worker" in t.user_attrs}
     assert ran == {"0/2 cpu", "1/2 cpu"}  # both workers ran trials (the killed one, at least its last)
 

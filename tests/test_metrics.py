@@ -11,7 +11,6 @@ import pytest
 from sklearn import exceptions as skm_exceptions
 from sklearn import metrics as skm
 
-from transferstudy import metrics as metrics_module
 from transferstudy.metrics import (
     macro_f1,
     normalize_rows,
@@ -80,6 +79,15 @@ def test_macro_f1_over_classes_that_occur():
     assert macro_f1(y_true, y_true, num_classes=4) == 1.0  # absent, unpredicted classes do not count
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_f1_equals_sklearn_over_the_labels_that_occur(seed):
+    rng = np.random.default_rng(seed)
+    y_true, y_pred = rng.integers(0, 6, size=40), rng.integers(0, 7, size=40)  # class 6 only ever predicted
+    present = np.union1d(y_true, y_pred)
+    expected = skm.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    assert macro_f1(y_true, y_pred, num_classes=8) == pytest.approx(expected, abs=1e-12)
+
+
 def test_scores_from_logits_equal_scores_from_probabilities(predictions):
     y_true, probs = predictions
     logits = np.log(probs) + 3.0
@@ -125,11 +133,13 @@ def test_scores_of_a_thin_split_print_no_library_warning(y_true, y_pred, num_cla
 def test_sklearn_warnings_are_silenced_only_inside_the_metrics(monkeypatch):
     # A scikit-learn version that warns where this one does not still prints nothing from
     # score(), and the same warning raised outside it still shows: no global filter.
+    real_f1 = skm.f1_score
+
     def warning_f1(*args, **kwargs):
         warnings.warn("F-score is ill-defined", skm_exceptions.UndefinedMetricWarning, stacklevel=2)
-        return skm.f1_score(*args, **kwargs)
+        return real_f1(*args, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "f1_score", warning_f1)
+    monkeypatch.setattr(skm, "f1_score", warning_f1)  # score() looks scikit-learn's functions up when called
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         score(np.array([0, 1]), np.eye(3)[[0, 2]], 3)

@@ -47,7 +47,7 @@ def test_search_space_follows_study_file(tmp_path):
 
 
 def test_resume_continues_to_n_trials_in_total(tmp_path):
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, search={"epochs": [1, 1]})
     first = study_mod.run_study(cfg)
     assert _states(first).count(TrialState.COMPLETE) == 2
     resumed = study_mod.run_study(cfg.with_overrides(study={"n_trials": 4}))
@@ -65,7 +65,7 @@ def test_resume_continues_to_n_trials_in_total(tmp_path):
 def test_run_started_right_after_a_kill_still_reaches_n_trials(tmp_path):
     # A worker killed during the last trial leaves it RUNNING with a fresh heartbeat. A run
     # started at once must wait for that trial to go stale, not stop one trial short as "full".
-    cfg = tiny_config(tmp_path, study={"heartbeat_s": 1})
+    cfg = tiny_config(tmp_path, study={"heartbeat_s": 1}, search={"epochs": [1, 1]})
     study_mod.run_study(cfg.with_overrides(study={"n_trials": 1}))
     storage = study_mod.create_storage(cfg.study.storage, heartbeat_s=1)
     study = optuna.load_study(study_name=cfg.study.name, storage=storage)
@@ -91,7 +91,7 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(trial_mod, "fit", flaky_fit)
-    study = study_mod.run_study(tiny_config(tmp_path))
+    study = study_mod.run_study(tiny_config(tmp_path, search={"epochs": [1, 1]}))
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "NonFiniteLossError" in failed[0].user_attrs["error"]
     assert _states(study).count(TrialState.COMPLETE) == 2
@@ -102,7 +102,7 @@ def test_holdout_scores_and_checkpoint_policy(tmp_path):
     """Checkpoints live in the artifact store. A worker removes only its own that leave the top,
     never another worker's; the holdout scoring (the parent's, once per study) reads them
     whoever wrote them, keeps the best trial's only and stores it as best.pt."""
-    cfg = tiny_config(tmp_path, study={"n_trials": 4, "report_top_k": 2})
+    cfg = tiny_config(tmp_path, study={"n_trials": 4, "report_top_k": 2}, search={"epochs": [1, 1]})
     foreign = _trial_of_another_worker(study_mod.open_study(cfg), tmp_path)  # last in any ranking
     study = study_mod.run_study(cfg)  # three trials of its own
     store = tmp_path / "tiny" / "artifacts"  # the default artifact store

@@ -4,7 +4,8 @@ Thin wrappers over scikit-learn, with the label set fixed to every class so that
 absent from a small split still count (as zeros) and shapes never depend on the data.
 scikit-learn's warnings about such splits (undefined precision, a single label) are kept off
 the console: a class missing from a split is expected here, and the study names it once in its
-own words (the dataset summary's warnings).
+own words (the dataset summary's warnings). The per-epoch macro-F1 is plain numpy (the same
+numbers, tested against scikit-learn), so a training process does not import scikit-learn.
 """
 
 from __future__ import annotations
@@ -15,18 +16,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-)
 
 
 @contextlib.contextmanager
 def _quiet_sklearn() -> Iterator[None]:
     """Silence scikit-learn's warnings about classes a split lacks, for this block only."""
+    from sklearn.exceptions import UndefinedMetricWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
@@ -87,6 +83,8 @@ def score(y_true: np.ndarray, probs: np.ndarray, num_classes: int | None = None)
             counts,
             np.zeros((num_classes, num_classes), dtype=np.int64),
         )
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     y_pred = probs.argmax(axis=1)
     with _quiet_sklearn():
         p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
@@ -106,12 +104,21 @@ def score(y_true: np.ndarray, probs: np.ndarray, num_classes: int | None = None)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 over every class (absent classes count as 0 only when predicted)."""
+    """Unweighted mean of per-class F1 over the classes that are true or predicted at least once
+    (scikit-learn's ``f1_score(average="macro", zero_division=0)`` over those labels).
+
+    Per class, F1 = 2 TP / (2 TP + FP + FN): 0 when the class is never right.
+    """
     if len(y_true) == 0:
         return float("nan")
-    present = np.union1d(np.unique(y_true), np.unique(y_pred))
-    with _quiet_sklearn():
-        return float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    size = int(max(num_classes, y_true.max() + 1, y_pred.max() + 1))
+    tp = np.bincount(y_true[y_true == y_pred], minlength=size).astype(np.float64)
+    true_count = np.bincount(y_true, minlength=size)
+    pred_count = np.bincount(y_pred, minlength=size)
+    present = (true_count + pred_count) > 0
+    f1 = 2 * tp[present] / (true_count[present] + pred_count[present])  # 2TP + FP + FN = |true| + |pred|
+    return float(f1.mean())
 
 
 def top_confused_pairs(confusion: np.ndarray, class_names: list[str], k: int = 20) -> list[dict]:
