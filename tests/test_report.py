@@ -6,6 +6,7 @@ test session under pytest's base temp folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -76,13 +77,38 @@ def _ensure_prepare_module() -> None:
         sys.modules["transferstudy.prepare"] = shim
 
 
+def shared_root(tmp_path_factory, name: str) -> Path:
+    """A folder every test process of this session shares (under ``pytest -n N``, the parent of
+    the processes' own base folders): a study built there once serves them all."""
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@contextlib.contextmanager
+def built_once(root: Path):
+    """Build what goes in ``root`` in one process at a time; the DONE file says it is there."""
+    from filelock import FileLock
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        yield (root / "DONE").is_file()
+        (root / "DONE").write_text("ok")
+
+
 def build_tiny_study(root: Path) -> tuple[str, str]:
     """A real 3-trial study (16 px digits, 10 per class, random init) with holdout scores; once per root."""
+    url = f"sqlite:///{root}/optuna.db"
+    with built_once(root) as done:
+        if not done:
+            _build_tiny_study(root)
+    return url, "tiny"
+
+
+def _build_tiny_study(root: Path) -> None:
     from transferstudy import study as study_mod
 
-    url = f"sqlite:///{root}/optuna.db"
-    if (root / "DONE").is_file():
-        return url, "tiny"
     _ensure_prepare_module()
     root.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(root, study={"name": "tiny", "n_trials": 3, "report_top_k": 3}, data={"demo_per_class": 10})
@@ -93,8 +119,6 @@ def build_tiny_study(root: Path) -> tuple[str, str]:
         study_mod.score_holdout(study, cfg, study_mod.decode_dataset(cfg, show_progress=False))
     finally:
         os.chdir(here)
-    (root / "DONE").write_text("ok")
-    return url, "tiny"
 
 
 def car_names(n: int) -> list[str]:
@@ -229,8 +253,13 @@ def build_synthetic_study(
 ) -> tuple[str, str]:
     """A study as a long Stanford Cars run would leave it: complete, pruned and failed trials; once per root."""
     url = f"sqlite:///{root}/optuna.db"
-    if (root / "DONE").is_file():
-        return url, name
+    with built_once(root) as done:
+        if not done:
+            _build_synthetic_study(root, url, num_classes, n_trials, name)
+    return url, name
+
+
+def _build_synthetic_study(root: Path, url: str, num_classes: int, n_trials: int, name: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     study = optuna.create_study(study_name=name, storage=url, direction="maximize")
@@ -274,19 +303,17 @@ def build_synthetic_study(
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)
-    (root / "DONE").write_text("ok")
-    return url, name
 
 
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory) -> tuple[str, str, Path]:
-    root = tmp_path_factory.getbasetemp() / "report-tiny"
+    root = shared_root(tmp_path_factory, "report-tiny")
     return (*build_tiny_study(root), root)
 
 
 @pytest.fixture(scope="session")
 def cars_study(tmp_path_factory) -> tuple[str, str, Path]:
-    root = tmp_path_factory.getbasetemp() / "report-cars196"
+    root = shared_root(tmp_path_factory, "report-cars196")
     return (*build_synthetic_study(root), root)
 
 

@@ -20,6 +20,7 @@ from test_report import (
     build_synthetic_study,
     build_tiny_study,
     figures_in,
+    shared_root,
 )
 
 from transferstudy import report
@@ -90,13 +91,13 @@ def check_in_browser(path: Path, screenshot: bool = True) -> None:
 
 
 def test_tiny_study_report_renders_in_chromium(tmp_path_factory):
-    url, name = build_tiny_study(tmp_path_factory.getbasetemp() / "report-tiny")
+    url, name = build_tiny_study(shared_root(tmp_path_factory, "report-tiny"))
     path = report.build_report(url, name, out=tmp_path_factory.getbasetemp() / "browser" / "tiny.html")
     check_in_browser(path)
 
 
 def test_196_class_report_renders_in_chromium(tmp_path_factory):
-    url, name = build_synthetic_study(tmp_path_factory.getbasetemp() / "report-cars196")
+    url, name = build_synthetic_study(shared_root(tmp_path_factory, "report-cars196"))
     path = report.build_report(url, name, out=tmp_path_factory.getbasetemp() / "browser" / "cars196.html")
     assert path.stat().st_size < MAX_REPORT_BYTES
     check_in_browser(path, screenshot=False)  # the tiny report's screenshot shows painting works
