@@ -535,11 +535,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     # Validate before Prefect starts, so bad input is one line, not a failed flow run.
     cfg = resolve_config(args.config, args.overrides, **{_dest(f): getattr(args, _dest(f)) for f in ALIASES})
+    if (args.deploy or args.pool) and not _api_url():
+        raise ValueError(
+            "--deploy and --pool need a Prefect server that the pool's workers also use: "
+            "start one (prefect server start) and set PREFECT_API_URL"
+        )
     if args.deploy:
         if not args.pool:
             raise ValueError("--deploy needs --pool NAME (the work pool to register the study-worker deployment on)")

@@ -138,3 +138,15 @@ def _logs(api: str, run_ids: list, seconds: float = 30) -> list[str]:
             if any(m.startswith("trial ") for m in messages) or time.time() > deadline:
                 return messages
             time.sleep(1)
+
+
+def test_deploy_and_pool_need_a_prefect_server(tmp_path):
+    """Without PREFECT_API_URL a run would get a temporary server no pool worker sees: one line."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.study import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        for argv in (["--deploy", "--pool", "gpus"], ["--pool", "gpus", "--workers", "2"]):
+            code, _, err = run_cli(main, argv)
+            assert code == 2 and "PREFECT_API_URL" in err, err
