@@ -8,8 +8,9 @@ such as NFS for several machines) or ``s3://bucket`` (any S3-compatible service 
 the files with ``--artifact-dir`` pointing at the same folder.
 
 A trial's checkpoint is a trial artifact, its id in the trial attr ``checkpoint_artifact``. The
-study-level files (``best.pt``, ``model/*``, ``report.html``) are study artifacts; the study attr
-``files`` maps each name to its current artifact id, and a new version replaces the old one.
+exported ``model/*`` and ``report.html`` are study artifacts; the study attr ``files`` maps each
+name to its current artifact id (a new version replaces the old one), and ``best.pt`` to the
+best trial's checkpoint artifact.
 A worker removes only the checkpoints of trials it ran itself (``objective``); the rest is the
 parent's once-per-study work (``holdout``).
 """

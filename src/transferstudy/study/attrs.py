@@ -20,8 +20,7 @@ STUDY_WEIGHTS = "weights"  # what the backbone held: requested, used, warning
 STUDY_HOLDOUT = "holdout"  # the best trial's detailed holdout scores
 STUDY_HOLDOUT_TOP = "holdout_top"  # holdout summary per top trial number (str)
 STUDY_REFIT = "refit"  # the refit model: source trial, settings, train samples, holdout scores, files
-STUDY_FILES = "files"  # study artifacts (``study.artifacts``): name (best.pt, model/..., report.html) -> artifact id
-STUDY_BEST_CHECKPOINT = "best_checkpoint"  # the checkpoint artifact best.pt was copied from
+STUDY_FILES = "files"  # the study's files in the artifact store: name (best.pt, model/..., report.html) -> artifact id
 
 # Trial user attrs.
 TRIAL_HISTORY = "history"  # one dict per epoch (train.EpochRecord)

@@ -93,17 +93,20 @@ def score_holdout(
 
 def prune_checkpoints(study: optuna.Study, cfg: StudyConfig, store, best_number: int) -> None:
     """Keep the best trial's checkpoint only (``keep_checkpoints = "best"``), whichever worker
-    wrote each, and store it as the study's ``best.pt`` (also written to the results folder)."""
+    wrote each; it is the study's ``best.pt`` (study attr ``files``; also written to the results folder)."""
     best = study.trials[best_number]
     if cfg.study.keep_checkpoints != "all":
         for trial in study.get_trials(deepcopy=False):
             if trial.number != best_number:
                 artifacts.remove(store, artifacts.checkpoint_id(trial))
     best_id = artifacts.checkpoint_id(best)
-    if best_id and study.user_attrs.get(attrs.STUDY_BEST_CHECKPOINT) != best_id:  # a new best trial
-        path = artifacts.fetch(store, best_id, cfg.result_dir / "best.pt")
-        artifacts.put_study_file(study, store, path)
-        study.set_user_attr(attrs.STUDY_BEST_CHECKPOINT, best_id)
+    files = study.user_attrs.get(attrs.STUDY_FILES, {})
+    if best_id and files.get(BEST_FILE) != best_id:  # a new best trial
+        artifacts.fetch(store, best_id, cfg.result_dir / BEST_FILE)
+        study.set_user_attr(attrs.STUDY_FILES, {**files, BEST_FILE: best_id})  # its checkpoint: no second copy
+
+
+BEST_FILE = "best.pt"
 
 
 def results_table(study: optuna.Study, k: int = 10) -> list[dict]:
