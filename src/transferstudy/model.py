@@ -280,7 +280,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not isinstance(payload, dict) or payload.get("arch") != "resnet50" or "state_dict" not in payload:
         raise ValueError(f"{path} is not a transferstudy checkpoint")
     try:
-        model = TransferNet(resnet50(weights=None), len(payload["class_names"]), payload["unfreeze_depth"])
+        with torch.device("meta"):  # a skeleton: every value comes from the file (strict load)
+            model = TransferNet(resnet50(weights=None), len(payload["class_names"]), payload["unfreeze_depth"])
+        model.to_empty(device="cpu")
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError) as exc:  # RuntimeError: tensors of the wrong shape
         why = " ".join(str(exc).split())[:300]
