@@ -52,7 +52,7 @@ def score_holdout(
     data = DeviceData(cache, dev)
     # Earlier runs' scores stay: their checkpoints may be gone, their results are not.
     summaries: dict[str, dict] = dict(study.user_attrs.get(attrs.STUDY_HOLDOUT_TOP, {}))
-    best_detail = None
+    best_detail, best_trial = None, None
     store = artifacts.open_store(cfg)
     for rank, trial in enumerate(top_trials(study, cfg.study.report_top_k)):
         model = artifacts.load_trial_checkpoint(store, trial, dev)
@@ -62,6 +62,7 @@ def score_holdout(
         scores = result.scores(cache.num_classes)
         summaries[str(trial.number)] = scores.summary()
         if best_detail is None:
+            best_trial = trial
             pred = result.probs.argmax(1)
             wrong = np.flatnonzero(pred != result.labels)
             wrong = wrong[np.argsort(-result.probs[wrong, pred[wrong]], kind="stable")]  # most confident first
@@ -87,17 +88,16 @@ def score_holdout(
     study.set_user_attr(attrs.STUDY_HOLDOUT_TOP, summaries)
     if best_detail is not None:
         study.set_user_attr(attrs.STUDY_HOLDOUT, best_detail)
-        prune_checkpoints(study, cfg, store, best_detail["trial"])
+        prune_checkpoints(study, cfg, store, best_trial)
     return best_detail
 
 
-def prune_checkpoints(study: optuna.Study, cfg: StudyConfig, store, best_number: int) -> None:
+def prune_checkpoints(study: optuna.Study, cfg: StudyConfig, store, best: optuna.trial.FrozenTrial) -> None:
     """Keep the best trial's checkpoint only (``keep_checkpoints = "best"``), whichever worker
     wrote each; it is the study's ``best.pt`` (study attr ``files``; also written to the results folder)."""
-    best = study.trials[best_number]
     if cfg.study.keep_checkpoints != "all":
         for trial in study.get_trials(deepcopy=False):
-            if trial.number != best_number:
+            if trial.number != best.number:
                 artifacts.remove(store, artifacts.checkpoint_id(trial))
     best_id = artifacts.checkpoint_id(best)
     files = study.user_attrs.get(attrs.STUDY_FILES, {})
