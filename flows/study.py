@@ -167,7 +167,7 @@ def fan_out(cfg: StudyConfig, index: DatasetIndex, slots: list, command: str, pr
     from prefect.futures import wait
 
     from transferstudy import study as study_mod
-    from transferstudy.workers import SEED_STRIDE
+    from transferstudy.workers import worker_seed
 
     dataset = study_mod.decode_dataset(cfg, index, show_progress=False)
     study = study_mod.start_study(cfg, dataset, len(slots), command)
@@ -175,7 +175,7 @@ def fan_out(cfg: StudyConfig, index: DatasetIndex, slots: list, command: str, pr
     folder.mkdir(parents=True, exist_ok=True)
     futures = []
     for slot in slots:
-        mine = {"device": slot.device, "sampler_seed": cfg.study.sampler_seed + SEED_STRIDE * slot.index}
+        mine = {"device": slot.device, "sampler_seed": worker_seed(cfg.study.sampler_seed, slot.index)}
         train = {}
         if "feature_memory_fraction" not in cfg.search.space:  # 1/N of the budget each
             train["feature_memory_fraction"] = cfg.train.feature_memory_fraction * slot.memory_share
@@ -209,13 +209,13 @@ def run_on_pool(cfg: StudyConfig, index: DatasetIndex, pool: str, count: int, co
     from prefect.deployments import run_deployment
 
     from transferstudy import study as study_mod
-    from transferstudy.workers import SEED_STRIDE
+    from transferstudy.workers import worker_seed
 
     dataset = study_mod.decode_dataset(cfg, index, show_progress=False)
     study = study_mod.start_study(cfg, dataset, count, command)
     runs = []
     for i in range(count):
-        mine = cfg.with_overrides(study={"sampler_seed": cfg.study.sampler_seed + SEED_STRIDE * i})
+        mine = cfg.with_overrides(study={"sampler_seed": worker_seed(cfg.study.sampler_seed, i)})
         name = f"{i}/{count} pool {pool}"
         run = run_deployment(
             f"{WORKER_FLOW}/{pool}",
@@ -244,24 +244,23 @@ def await_runs(
     waiting, ended, since, nudged = dict(runs), {}, time.monotonic(), False
     with get_client(sync_client=True) as client:
         while waiting:
-            for name, run_id in list(waiting.items()):
-                state = client.read_flow_run(run_id).state
+            states = {name: client.read_flow_run(run_id).state for name, run_id in waiting.items()}
+            for name, state in states.items():
                 if state is not None and state.is_final():
                     ended[name] = state
                     del waiting[name]
             if on_poll is not None:
                 on_poll()
-            if waiting and not nudged and time.monotonic() - since > nudge_s and len(ended) + len(waiting) == len(runs):
-                states = [client.read_flow_run(i).state for i in waiting.values()]
-                if all(s is None or s.is_scheduled() or s.is_pending() for s in states):
-                    log.warning(
-                        "no worker of work pool %r has started a run in %.0f s; start one per GPU with "
-                        "`prefect worker start --pool %s --limit 1`",
-                        pool,
-                        nudge_s,
-                        pool,
-                    )
-                    nudged = True
+            unstarted = all(states[n] is None or states[n].is_scheduled() or states[n].is_pending() for n in waiting)
+            if waiting and unstarted and not nudged and time.monotonic() - since > nudge_s:
+                log.warning(
+                    "no worker of work pool %r has started a run in %.0f s; start one per GPU with "
+                    "`prefect worker start --pool %s --limit 1`",
+                    pool,
+                    nudge_s,
+                    pool,
+                )
+                nudged = True
             if waiting:
                 time.sleep(poll_s)
     failed = {name: state for name, state in ended.items() if not state.is_completed()}
@@ -287,7 +286,6 @@ def worker_flow(study: StudyConfig, worker: str = "pool", workdir: str | None = 
     from transferstudy.workers import WORKER_ENV
 
     engine_logging()
-    _send_engine_lines()
     if workdir and Path(workdir).is_dir():
         os.chdir(workdir)
     elif workdir:
@@ -298,17 +296,6 @@ def worker_flow(study: StudyConfig, worker: str = "pool", workdir: str | None = 
     from flows.worker import work
 
     return work(study)
-
-
-def _send_engine_lines() -> None:
-    """Engine lines to this flow run's logs. A Prefect worker starts the run in a process of its
-    own whose Prefect logging was set up before ``flows`` could set PREFECT_LOGGING_EXTRA_LOGGERS,
-    so the engine's logger lacks the handler that sends to the API; the process is this run's alone."""
-    from prefect.logging.handlers import APILogHandler
-
-    engine = logging.getLogger("transferstudy")
-    if not any(isinstance(h, APILogHandler) for h in engine.handlers):
-        engine.addHandler(APILogHandler())
 
 
 def deploy_worker(pool: str, image: str | None = None):
@@ -329,9 +316,13 @@ def deploy_worker(pool: str, image: str | None = None):
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             log.info("created process work pool %r", pool)
+    from flows import PREFECT_ENV
+
     return worker_flow.deploy(
         name=pool,
         work_pool_name=pool,
+        # A run's process reads Prefect's settings before it imports ``flows``: give it them first.
+        job_variables={"env": PREFECT_ENV},
         image=image,
         build=False,
         push=False,
@@ -454,8 +445,6 @@ def plan(cfg: StudyConfig, workers: int | None, devices: str | None) -> list:
     Raises:
         ValueError: a bad ``devices`` text or worker count (one line).
     """
-    import os
-
     from transferstudy.workers import plan_workers, visible_gpus
 
     return plan_workers(workers, devices, cfg.study.device, visible_gpus(), os.cpu_count() or 1)

@@ -108,3 +108,21 @@ def stop(*procs: subprocess.Popen) -> None:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def flow_run_logs(client, run_ids: list, first: str, seconds: float) -> list[str]:
+    """Every log message of these flow runs on the server (all pages), read again until one starts
+    with ``first`` or ``seconds`` have passed: a run's last lines reach the server in its log
+    handler's next batch, which can come after the run has ended."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.time() + seconds
+    flow_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(run_ids)))
+    while True:
+        logs = []
+        while page := client.read_logs(log_filter=flow_filter, limit=200, offset=len(logs)):
+            logs += page
+        messages = [entry.message for entry in logs]
+        if any(m.startswith(first) for m in messages) or time.time() > deadline:
+            return messages
+        time.sleep(1)

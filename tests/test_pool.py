@@ -9,7 +9,7 @@ import uuid
 
 import optuna
 import pytest
-from helpers import run_cli, stop, tiny_raw, write_toml
+from helpers import flow_run_logs, run_cli, stop, tiny_raw, write_toml
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
@@ -29,8 +29,12 @@ def pool(prefect_server, tmp_path_factory):
         code, out, err = run_cli(main, ["--deploy", "--pool", name])
         assert code == 0, err
         assert f"deployment 'study-worker/{name}'" in out and f"prefect worker start --pool {name} --limit 1" in out
+        from flows import PREFECT_ENV
+
         env = {
-            **os.environ,
+            # As a user's shell starts them: without the settings importing ``flows`` set here
+            # (the deployment hands them to each run, so the engine's lines reach its logs).
+            **{k: v for k, v in os.environ.items() if k not in PREFECT_ENV},
             "PREFECT_API_URL": prefect_server,
             "PREFECT_HOME": str(home / "prefect"),
             "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick a run up within a second, not ten
@@ -86,9 +90,9 @@ def test_pool_workers_run_the_study_and_the_parent_reports_once(prefect_server, 
     assert parent.state.is_completed()
     assert sorted(r.name for r in children) == ["study-worker-0 (pooled)", "study-worker-1 (pooled)"]
     assert all(r.state.is_completed() and r.work_pool_name == pool for r in children)
-    assert any(line.startswith("trial ") for line in _logs(prefect_server, [r.id for r in children])), (
-        "the workers' engine lines are in their flow-run logs"
-    )
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+        logs = flow_run_logs(client, [r.id for r in children], "trial ", seconds=30)
+    assert any(line.startswith("trial ") for line in logs), "the workers' engine lines are in their flow-run logs"
 
     study = optuna.load_study(study_name="pooled", storage=raw["study"]["storage"])
     trials = study.get_trials(deepcopy=False)
@@ -119,25 +123,6 @@ def test_parent_fails_clearly_when_a_worker_run_fails(prefect_server, pool, tmp_
             RuntimeError, match=r"1 of 1 study-worker runs on work pool .* did not complete: lost \(Failed"
         ):
             await_runs([("lost", run.id)], pool, poll_s=0.5)
-
-
-def _logs(api: str, run_ids: list, seconds: float = 30) -> list[str]:
-    """The log messages of these flow runs on the server, once a trial line is there (a run's last
-    lines can reach the server in its log handler's next batch, after the run has ended)."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    deadline = time.time() + seconds
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        while True:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)), limit=200)
-            messages = [entry.message for entry in logs]
-            if any(m.startswith("trial ") for m in messages) or time.time() > deadline:
-                return messages
-            time.sleep(1)
 
 
 def test_deploy_and_pool_need_a_prefect_server(tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, stop, tiny_config, tiny_raw, wait_http, write_toml
+from helpers import flow_run_logs, free_port, stop, tiny_config, tiny_raw, wait_http, write_toml
 
 from transferstudy import study as study_mod
 
@@ -69,7 +69,6 @@ def _quick_run_logs(api: str, deployment_id, proc: subprocess.Popen, last_line: 
     for it to finish, and return its flow-run log messages from the server's logs API once the
     one starting with ``last_line`` has arrived (or the time is up)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     deadline = time.time() + seconds
@@ -80,17 +79,7 @@ def _quick_run_logs(api: str, deployment_id, proc: subprocess.Popen, last_line: 
             assert time.time() < deadline, f"the run did not finish within {seconds} s ({state.name})"
             time.sleep(1)
         assert state.is_completed(), state
-        # The run's last lines reach the server in the log handler's next batch, which can come
-        # after the run's final state: read every page until the report's line is there.
-        flow_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
-        while True:
-            logs = []
-            while page := client.read_logs(log_filter=flow_filter, limit=200, offset=len(logs)):  # every page
-                logs += page
-            messages = [entry.message for entry in logs]
-            if any(m.startswith(last_line) for m in messages) or time.time() > deadline:
-                return messages
-            time.sleep(1)
+        return flow_run_logs(client, [run.id], last_line, max(0.0, deadline - time.time()))
 
 
 def _wait_for_deployment(api: str, name: str, proc: subprocess.Popen, seconds: float = 120):

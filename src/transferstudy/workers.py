@@ -23,6 +23,11 @@ WORKER_ENV = "TRANSFERSTUDY_WORKER"
 SEED_STRIDE = 1000
 
 
+def worker_seed(sampler_seed: int, index: int) -> int:
+    """The sampler seed of worker ``index`` of a study seeded ``sampler_seed`` (worker 0 keeps it)."""
+    return sampler_seed + SEED_STRIDE * index
+
+
 @dataclass(frozen=True)
 class WorkerSlot:
     """One worker of a fan-out.
