@@ -110,6 +110,9 @@ def test_model_folder_is_exported_with_its_description(refitted):
     assert doc["meta"]["study"] == "tiny" and doc["meta"]["trial"] == refitted.summary["trial"]
     assert doc["meta"]["train_samples"] == refitted.summary["train_samples"]
     assert doc["meta"]["holdout"]["accuracy"] == refitted.summary["holdout"]["accuracy"]
+    stored = refitted.study.user_attrs["files"]  # one copy on disk: each file is its artifact too
+    for name in ("model.json", "model.onnx", "model.pt2"):
+        assert os.path.samefile(folder / name, refitted.root / "tiny" / "artifacts" / stored[f"model/{name}"])
     check = refitted.summary["export_check"]
     if check is not None:  # onnxruntime installed
         assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-3

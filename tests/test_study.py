@@ -1,6 +1,7 @@
 """Optuna studies on real SQLite storage: objective, resume, failures, checkpoints, holdout."""
 
 import math
+import os
 
 import optuna
 import pytest
@@ -122,9 +123,36 @@ def test_holdout_scores_and_checkpoint_policy(tmp_path):
     assert len(detail["confusion"]) == 10 and 0.0 <= detail["accuracy"] <= 1.0
     assert set(study.user_attrs["holdout_top"]) == {str(t.number) for t in top}
     assert [t.number for t in study.trials if stored(t)] == [best.number]  # the foreign one too: the parent's job
-    best_pt = (tmp_path / "tiny" / "best.pt").read_bytes()
-    assert (store / study.user_attrs["files"]["best.pt"]).read_bytes() == best_pt  # stored as a study artifact
+    best_pt = tmp_path / "tiny" / "best.pt"  # the best trial's checkpoint artifact, not a second copy of it
+    assert os.path.samefile(store / study.user_attrs["files"]["best.pt"], best_pt)
+    assert study.user_attrs["files"]["best.pt"] == best.user_attrs["checkpoint_artifact"]
     assert math.isfinite(study.user_attrs["holdout_top"][str(best.number)]["macro_f1"])
+
+
+def test_a_results_file_and_its_artifact_are_one_file_and_a_new_version_leaves_the_old_intact(tmp_path):
+    """With a folder store a results file is its artifact (a hard link); writing a new version
+    replaces the file, so the stored old version stays as it was until it is removed."""
+    from transferstudy.study import artifacts
+
+    cfg = tiny_config(tmp_path)
+    study, store = study_mod.open_study(cfg), artifacts.open_store(cfg)
+    page = tmp_path / "tiny" / "report.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("first")
+    first = artifacts.put_study_file(study, store, page)
+    assert os.path.samefile(page, store._base_path / first)
+    with open(store._base_path / first) as old:  # a reader of the old version (the dashboard, say)
+        tmp = page.with_name("report.html.tmp")  # how the report is written: aside, then renamed
+        tmp.write_text("second")
+        tmp.replace(page)
+        assert old.read() == "first"
+    second = artifacts.put_study_file(study, store, page)
+    assert not (store._base_path / first).exists() and (store._base_path / second).read_text() == "second"
+    assert study.user_attrs["files"] == {"report.html": second}
+    copy = artifacts.fetch(store, second, tmp_path / "elsewhere" / "report.html")
+    assert os.path.samefile(copy, page)
+    with pytest.raises(FileNotFoundError, match=f"artifact {first} is not in the artifact store"):
+        artifacts.fetch(store, first, tmp_path / "gone.html")
 
 
 def _trial_of_another_worker(study, tmp_path) -> int:

@@ -25,6 +25,8 @@ import importlib
 import importlib.util
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,21 +106,26 @@ def export_model(
     example = torch.zeros(2, 3, pre["image_size"], pre["image_size"])
     with torch.no_grad():  # frozen stages switch autograd off inside forward; outside too, no switch is traced
         program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, out / TORCH_FILE)
-    onnx_program = torch.onnx.export(
-        program,
-        (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=ONNX_OPSET,
-        dynamo=True,
-        dynamic_shapes=({0: "batch"},),
-        verbose=False,
-    )
-    onnx_program.save(out / ONNX_FILE, external_data=False)  # one file: ResNet-50 is far below 2 GB
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out / META_FILE)
+    aside = Path(tempfile.mkdtemp(prefix=".export-", dir=out))  # written aside, then renamed in: never half a file
+    try:
+        torch.export.save(program, aside / TORCH_FILE)
+        onnx_program = torch.onnx.export(
+            program,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            dynamic_shapes=({0: "batch"},),
+            verbose=False,
+        )
+        onnx_program.save(aside / ONNX_FILE, external_data=False)  # one file: ResNet-50 is far below 2 GB
+        (aside / META_FILE).write_text(text)
+        (out / META_FILE).unlink(missing_ok=True)  # an older model.json must not vouch for the new files
+        for name in (TORCH_FILE, ONNX_FILE, META_FILE):  # model.json last: a folder that has it is complete
+            (aside / name).replace(out / name)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
     log.info("exported %d-class model to %s (%s, %s, %s)", len(class_names), out, ONNX_FILE, TORCH_FILE, META_FILE)
     return json.loads(text)
 

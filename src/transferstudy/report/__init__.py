@@ -42,6 +42,8 @@ def build_report(
     page = render(data, rebuild_command)
     path = Path(out) if out else default_path(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)  # replaced, never rewritten: the stored artifact may share the file (study.artifacts)
     log.info("report of study %r written to %s (%.1f MB)", study_name, path, len(page.encode()) / 1e6)
     return path

@@ -13,12 +13,18 @@ name to its current artifact id (a new version replaces the old one), and ``best
 best trial's checkpoint artifact.
 A worker removes only the checkpoints of trials it ran itself (``objective``); the rest is the
 parent's once-per-study work (``holdout``).
+
+With a folder store, a file of the results folder and its artifact are one file on disk (a hard
+link, where the filesystem allows one): ``best.pt`` and the exported model cost their size
+once. Whatever writes those files therefore replaces them (write aside, then rename), never
+rewrites them in place, which would change the stored artifact too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -71,6 +77,11 @@ def fetch(store, artifact_id: str, dest: Path) -> Path:
         FileNotFoundError: the store has no such artifact (the message names the store and id).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    local = _local_file(store, artifact_id)
+    if local is not None and not local.is_file():
+        raise FileNotFoundError(f"artifact {artifact_id} is not in the artifact store {_describe(store)}")
+    if local is not None and _link(local, dest):
+        return dest
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
     try:
@@ -103,6 +114,9 @@ def load_trial_checkpoint(store, trial: optuna.trial.FrozenTrial, device):
     artifact_id = checkpoint_id(trial)
     if not artifact_id:
         return None
+    local = _local_file(store, artifact_id)
+    if local is not None:  # read where it lies
+        return load_checkpoint(local, device)[0] if local.is_file() else None
     with tempfile.TemporaryDirectory(prefix="transferstudy-ckpt-") as tmp:
         try:
             path = fetch(store, artifact_id, Path(tmp) / f"trial_{trial.number:04d}.pt")
@@ -118,6 +132,9 @@ def put_study_file(study: optuna.Study, store, path: Path, key: str | None = Non
     key = key or Path(path).name
     files = dict(study.user_attrs.get(attrs.STUDY_FILES, {}))
     new = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+    local = _local_file(store, new)
+    if local is not None:
+        _link(local, Path(path))  # one copy on disk
     remove(store, files.get(key))
     files[key] = new
     study.set_user_attr(attrs.STUDY_FILES, files)
@@ -135,6 +152,26 @@ def put_study_files(study: optuna.Study, cfg: StudyConfig, paths: list[Path]) ->
     log.info(
         "stored %d file(s) of study %r in the artifact store %s", len(paths), study.study_name, store_location(cfg)
     )
+
+
+def _local_file(store, artifact_id: str) -> Path | None:
+    """Where a folder store keeps an artifact (None for other stores)."""
+    if not isinstance(store, FileSystemArtifactStore):
+        return None
+    return Path(store._base_path) / artifact_id
+
+
+def _link(src: Path, dest: Path) -> bool:
+    """Make ``dest`` a second name of ``src`` (replacing ``dest`` in one rename); False where the
+    filesystem has no hard links or they are on different filesystems (the caller copies)."""
+    tmp = dest.with_name(dest.name + ".link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        return False
+    tmp.replace(dest)
+    return True
 
 
 def _describe(store) -> str:
