@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import socket
 import subprocess
 import time
@@ -126,3 +128,21 @@ def flow_run_logs(client, run_ids: list, first: str, seconds: float) -> list[str
         if any(m.startswith(first) for m in messages) or time.time() > deadline:
             return messages
         time.sleep(1)
+
+
+def shared_root(tmp_path_factory, name: str) -> Path:
+    """A folder every test process of this session shares (under ``pytest -n N``, the parent of
+    the processes' own base folders): a study built there once serves them all."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@contextlib.contextmanager
+def built_once(root: Path):
+    """Build what goes in ``root`` in one process at a time; the DONE file says it is there."""
+    from filelock import FileLock
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        yield (root / "DONE").is_file()
+        (root / "DONE").write_text("ok")

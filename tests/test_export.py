@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_class_folders
+from helpers import built_once, shared_root
 
 from transferstudy import export
 from transferstudy.images import IMAGENET_MEAN, IMAGENET_STD, decode_image
@@ -42,22 +43,31 @@ _EXPORTED: dict[str, Exported] = {}
 
 
 def export_once(tmp_path_factory) -> Exported:
-    """The export takes ~15 s on a CPU (torch.export + ONNX translation of ResNet-50): do it
-    once per test session; test_predict.py uses the same folder."""
+    """The export takes ~30 s on a CPU (torch.export + ONNX translation of ResNet-50): one test
+    process of the session exports, and test_export.py and test_predict.py use that folder
+    whichever process runs them."""
     if "tiny" not in _EXPORTED:
-        torch.manual_seed(0)
-        model, _ = build_model(len(EXPORT_CLASSES), weights="none", unfreeze_depth=1)
-        with torch.no_grad():  # spread the head so the class order is clear
-            model.head.weight.mul_(20.0)
-        root = tmp_path_factory.mktemp("exported")
-        checkpoint = save_checkpoint(
-            root / "best.pt", model, EXPORT_CLASSES, image_size=SIZE, resize_mode="center_crop"
-        )
-        _, meta = load_checkpoint(checkpoint)
-        doc = export.export_model(model.train(), EXPORT_CLASSES, meta["preprocessing"], root / "model", META)
-        was_training = model.training
-        _EXPORTED["tiny"] = Exported(model.eval(), checkpoint, root / "model", doc, was_training)
+        root = shared_root(tmp_path_factory, "exported")
+        with built_once(root) as done:
+            if not done:
+                _export(root)
+        model, _ = load_checkpoint(root / "best.pt")  # the exported weights, exactly
+        was_training = json.loads((root / "mode.json").read_text())["was_training"]
+        doc = export.read_model_json(root / "model")
+        _EXPORTED["tiny"] = Exported(model, root / "best.pt", root / "model", doc, was_training)
     return _EXPORTED["tiny"]
+
+
+def _export(root: Path) -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(len(EXPORT_CLASSES), weights="none", unfreeze_depth=1)
+    with torch.no_grad():  # spread the head so the class order is clear
+        model.head.weight.mul_(20.0)
+    checkpoint = save_checkpoint(root / "best.pt", model, EXPORT_CLASSES, image_size=SIZE, resize_mode="center_crop")
+    _, meta = load_checkpoint(checkpoint)
+    doc = export.export_model(model.train(), EXPORT_CLASSES, meta["preprocessing"], root / "model", META)
+    assert doc == export.read_model_json(root / "model")  # what export_model returns is model.json
+    (root / "mode.json").write_text(json.dumps({"was_training": model.training}))
 
 
 @pytest.fixture(scope="session")

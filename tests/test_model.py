@@ -212,6 +212,34 @@ def test_none_weights():
     assert loaded.used == "none" and loaded.warning is None and not loaded.pretrained
 
 
+def test_random_init_drawn_again_from_the_same_state_is_torchvisions_and_moves_the_rng_alike(monkeypatch):
+    """A random backbone is remembered by the RNG state and dtype it came from: drawn again, it
+    holds torchvision's values and leaves the RNG where torchvision's own draw leaves it."""
+    from transferstudy import model as model_mod
+
+    monkeypatch.setattr(model_mod, "_LAST_RANDOM", {})
+    torch.manual_seed(7)
+    reference = [v for k, v in resnet50(weights=None).state_dict().items() if not k.startswith("fc.")]
+    built, next_draws = [], []
+    for _ in range(2):  # a new draw, then the remembered one
+        torch.manual_seed(7)
+        model, _ = build_model(4, weights="none")
+        state = model.state_dict()
+        backbone = [v for k, v in state.items() if not k.startswith("head.")]
+        assert len(backbone) == len(reference) and all(map(torch.equal, backbone, reference))
+        built.append(state)
+        next_draws.append(torch.rand(3))
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])  # the head, drawn after it, too
+    assert torch.equal(*next_draws)  # and whatever the RNG gives next
+    torch.manual_seed(7)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, _ = build_model(4, weights="none")  # same RNG state, another dtype: another draw
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert model.stages[0][0].weight.dtype == torch.float64  # not the float32 draw remembered above
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_local_state_dict_loads(tmp_path, wrapped):
     torch.manual_seed(123)

@@ -6,7 +6,6 @@ test session under pytest's base temp folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from helpers import tiny_config
+from helpers import built_once, shared_root, tiny_config
 from optuna.distributions import (
     CategoricalDistribution,
     FloatDistribution,
@@ -75,26 +74,6 @@ def _ensure_prepare_module() -> None:
         shim = types.ModuleType("transferstudy.prepare")
         shim.open_dataset = lambda path, fmt="auto": scan_folders(path)
         sys.modules["transferstudy.prepare"] = shim
-
-
-def shared_root(tmp_path_factory, name: str) -> Path:
-    """A folder every test process of this session shares (under ``pytest -n N``, the parent of
-    the processes' own base folders): a study built there once serves them all."""
-    import os
-
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
-
-
-@contextlib.contextmanager
-def built_once(root: Path):
-    """Build what goes in ``root`` in one process at a time; the DONE file says it is there."""
-    from filelock import FileLock
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        yield (root / "DONE").is_file()
-        (root / "DONE").write_text("ok")
 
 
 def build_tiny_study(root: Path) -> tuple[str, str]:

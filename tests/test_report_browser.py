@@ -14,13 +14,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import shared_root
 from test_report import (
     FIGURES,
     MAX_REPORT_BYTES,
     build_synthetic_study,
     build_tiny_study,
     figures_in,
-    shared_root,
 )
 
 from transferstudy import report

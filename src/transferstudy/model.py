@@ -15,6 +15,8 @@ trains, and run without autograd (no activations are kept for them).
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import math
 import urllib.error
@@ -133,9 +135,36 @@ class TransferNet(nn.Module):
         return groups
 
 
+#: The last randomly initialised backbone, by the RNG state and dtype it was drawn from (``_random_backbone``).
+_LAST_RANDOM: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+
+
+def _random_backbone() -> nn.Module:
+    """torchvision's randomly initialised ResNet-50, drawn from torch's global RNG.
+
+    The draw is a function of the RNG state and the default dtype. A process that draws it again
+    from the same state (the search, confirmation and refit runners of one study all seed it with
+    ``train_seed``) gets the remembered values and leaves the RNG where a new draw would have
+    left it, instead of spending about 0.4 s on an initialisation whose result is known.
+    """
+    key = (torch.get_default_dtype(), torch.random.get_rng_state().numpy().tobytes())
+    if key in _LAST_RANDOM:
+        state, rng_after = _LAST_RANDOM[key]
+        with torch.device("meta"):
+            net = resnet50(weights=None)
+        net.to_empty(device="cpu")
+        net.load_state_dict(state)
+        torch.random.set_rng_state(rng_after)
+        return net
+    net = resnet50(weights=None)
+    _LAST_RANDOM.clear()  # one draw kept: ResNet-50 is about 100 MB
+    _LAST_RANDOM[key] = ({k: v.clone() for k, v in net.state_dict().items()}, torch.random.get_rng_state())
+    return net
+
+
 def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, LoadedWeights]:
     if weights == "none":
-        return resnet50(weights=None), LoadedWeights("none", "none")
+        return _random_backbone(), LoadedWeights("none", "none")
     if weights in ("imagenet", "auto"):
         try:
             return resnet50(weights=ResNet50_Weights.IMAGENET1K_V2, progress=progress), LoadedWeights(
@@ -151,7 +180,7 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
                 raise WeightsUnavailableError(message) from exc
             warning = "backbone NOT pretrained: ImageNet weights were unavailable, so it was randomly initialised."
             log.warning("%s (%s)", warning, exc)
-            return resnet50(weights=None), LoadedWeights("auto", "none", warning)
+            return _random_backbone(), LoadedWeights("auto", "none", warning)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(
@@ -202,16 +231,38 @@ def build_model(
 
 def build_on_backbone(num_classes: int, backbone_state: dict[str, torch.Tensor], unfreeze_depth: int) -> TransferNet:
     """A network with these backbone weights (a ``TransferNet`` state_dict less ``head.*``) and
-    a fresh head, drawn from torch's RNG as ``build_model`` draws it. The skeleton is made on
-    the meta device, so no random initialisation is computed only to be overwritten."""
-    with torch.device("meta"):
-        model = TransferNet(resnet50(weights=None), num_classes, unfreeze_depth)
-    model.to_empty(device="cpu")
+    a fresh head, drawn from torch's RNG as ``build_model`` draws it. It is a copy of a
+    skeleton (``empty_network``)."""
+    model = empty_network(num_classes, unfreeze_depth)
     missing, unexpected = model.load_state_dict(backbone_state, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ValueError(f"not a backbone state: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _init_head(model)
     return model
+
+
+def empty_network(num_classes: int, unfreeze_depth: int) -> TransferNet:
+    """A network with storage but no values yet (torch's default dtype, on the CPU), for weights
+    that are loaded next: a copy of the shape's meta-device skeleton, so no random
+    initialisation is computed only to be overwritten."""
+    model = copy.deepcopy(_skeleton(num_classes, unfreeze_depth, torch.get_default_dtype()))
+    return model.to_empty(device="cpu")
+
+
+@functools.cache
+def frozen_shape(image_size: int, depth: int) -> tuple[int, ...]:
+    """Shape of one image's output of the stages frozen at unfreeze depth ``depth``
+    (``TransferNet.frozen_features``), found by a dry run on the meta device: no arithmetic."""
+    net = copy.deepcopy(_skeleton(1, depth, torch.float32)).eval()
+    return tuple(net.frozen_features(torch.zeros(1, 3, image_size, image_size, device="meta")).shape[1:])
+
+
+@functools.cache
+def _skeleton(num_classes: int, unfreeze_depth: int, dtype: torch.dtype) -> TransferNet:
+    """The network's structure on the meta device (no storage, no values), made once per shape;
+    shared, so only ever copied."""
+    with torch.device("meta"):
+        return TransferNet(resnet50(weights=None), num_classes, unfreeze_depth).to(dtype)
 
 
 def _init_head(model: TransferNet) -> None:
@@ -280,10 +331,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not isinstance(payload, dict) or payload.get("arch") != "resnet50" or "state_dict" not in payload:
         raise ValueError(f"{path} is not a transferstudy checkpoint")
     try:
-        with torch.device("meta"):  # a skeleton: every value comes from the file (strict load)
-            model = TransferNet(resnet50(weights=None), len(payload["class_names"]), payload["unfreeze_depth"])
-        model.to_empty(device="cpu")
-        model.load_state_dict(payload["state_dict"])
+        model = empty_network(len(payload["class_names"]), payload["unfreeze_depth"])
+        model.load_state_dict(payload["state_dict"])  # strict: every value comes from the file
     except (KeyError, TypeError, RuntimeError) as exc:  # RuntimeError: tensors of the wrong shape
         why = " ".join(str(exc).split())[:300]
         raise ValueError(f"checkpoint {path} is damaged ({type(exc).__name__}: {why})") from None

@@ -176,7 +176,7 @@ def confirm_study(
                 n_trials=waiting,
                 catch=(NonFiniteLossError, torch.OutOfMemoryError, SurplusTrial),
                 callbacks=[_progress],
-                gc_after_trial=True,
+                gc_after_trial=False,  # runtime.release_memory ends each trial; a full collection costs ~0.3 s
             )
         finally:
             objective.stop()
