@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,29 @@ def test_model_files_compute_the_network_for_any_batch_size(exported, images):
             model, _ = export.load_exported(exported.folder, runtime)
             for batch in (x[:1], x[:5]):
                 torch.testing.assert_close(model(batch), expected[: len(batch)], atol=1e-3, rtol=1e-4)
+
+
+def test_a_program_read_again_gives_modules_with_weights_of_their_own(exported, tmp_path, monkeypatch):
+    """The last model.pt2 read is remembered by the file's identity: a second load does not read
+    it again, a rewritten file is read anew, and no two modules share weights."""
+    first, _ = export.load_exported(exported.folder, "torch")
+    program = export._load_program(exported.folder / "model.pt2")  # remembered: not read again
+    reads = []
+    monkeypatch.setattr(torch.export, "load", lambda path: reads.append(path) or program)
+    second, _ = export.load_exported(exported.folder, "torch")
+    assert reads == []
+    with torch.no_grad():
+        next(second.parameters()).zero_()
+    assert next(first.parameters()).abs().sum() > 0  # weights of its own
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in ("model.json", "model.pt2"):
+        (copy / name).write_bytes((exported.folder / name).read_bytes())
+    export.load_exported(copy, "torch")
+    export.load_exported(copy, "torch")
+    os.utime(copy / "model.pt2", ns=(1, 1))  # the file changed
+    export.load_exported(copy, "torch")
+    assert reads == [copy / "model.pt2", copy / "model.pt2"]
 
 
 def test_onnx_graph_names_and_dynamic_batch(exported):

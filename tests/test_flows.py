@@ -29,16 +29,13 @@ def prefect_api(prefect_server):
         yield prefect_server
 
 
-def _worker_env(api_url: str) -> dict:
-    return {**os.environ, "PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1"}
-
-
-def _worker(toml: Path, api_url: str, cwd: Path, *extra: str) -> subprocess.Popen:
+def _worker(toml: Path, cwd: Path) -> subprocess.Popen:
+    """``python -m flows.worker``: a study worker process, as a fan-out or a pool run starts it."""
     log = open(cwd / f"worker-{uuid.uuid4().hex[:6]}.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.study", "--config", str(toml), "--no-report", *extra],
+        [sys.executable, "-m", "flows.worker", "--config", str(toml)],
         cwd=ROOT,
-        env=_worker_env(api_url),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -102,14 +99,20 @@ def _postgres_url() -> str:
 
 
 @pytest.mark.postgres
-def test_two_workers_share_one_postgres_study(prefect_api, tmp_path, monkeypatch):
+def test_two_workers_share_one_postgres_study(tmp_path, monkeypatch):
+    """Two worker processes (each with its own sampler seed) run one PostgreSQL study to n_trials."""
     url = _postgres_url()
     monkeypatch.chdir(tmp_path)
     name = f"workers-{uuid.uuid4().hex[:8]}"
-    raw = tiny_raw(tmp_path, study={"name": name, "storage": url, "n_trials": 2}, search={"epochs": [1, 1]})
-    toml = write_toml(tmp_path / "tiny.toml", raw)
     study_mod.decode_dataset(tiny_config(tmp_path), show_progress=False)  # both workers then reuse the cache
-    workers = [_worker(toml, prefect_api, tmp_path, "--sampler-seed", str(seed)) for seed in (1, 2)]
+    workers = []
+    for seed in (1, 2):
+        raw = tiny_raw(
+            tmp_path,
+            study={"name": name, "storage": url, "n_trials": 2, "sampler_seed": seed},
+            search={"epochs": [1, 1]},
+        )
+        workers.append(_worker(write_toml(tmp_path / f"worker-{seed}.toml", raw), tmp_path))
     codes = [w.wait(timeout=600) for w in workers]
     logs = "\n".join(p.read_text() for p in tmp_path.glob("worker-*.log"))
     assert codes == [0, 0], logs[-4000:]

@@ -251,8 +251,26 @@ def load_exported(
         runtime = "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
     if runtime == "onnx":
         return OnnxModel(Path(folder) / doc["files"]["onnx"], device), doc
-    module = torch.export.load(Path(folder) / doc["files"]["torch"]).module().to(device)
-    return module, doc
+    module = copy.deepcopy(_load_program(Path(folder) / doc["files"]["torch"]).module())  # weights of its own
+    return module.to(device), doc
+
+
+#: The last ``model.pt2`` read, by the file's identity (``_load_program``).
+_LAST_PROGRAM: dict[tuple, torch.export.ExportedProgram] = {}
+
+
+def _load_program(path: Path) -> torch.export.ExportedProgram:
+    """``torch.export.load``, remembered for the last file read: reading a ResNet-50 program
+    takes seconds, and the refit's check and a prediction may read the same file again. The
+    file's device, inode, size and modification time are the key, so a file rewritten or
+    replaced since is read anew. Modules made from one program share its weights: callers copy."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _LAST_PROGRAM:
+        program = torch.export.load(path)
+        _LAST_PROGRAM.clear()
+        _LAST_PROGRAM[key] = program
+    return _LAST_PROGRAM[key]
 
 
 def to_input(batch_u8: torch.Tensor, preprocessing: dict) -> torch.Tensor:

@@ -352,7 +352,7 @@ def prepare(
             Give the study's size and cache_dir to have the study reuse the decode.
         cache_dir: where decoded images are cached; default ``dest/cache``. Given, its hash cache
             (``hashes.HASHES_FILE``) is read and written too, so the study reuses the hashes.
-        workers: decoding processes; default one per CPU.
+        workers: decoding processes; default one per CPU from 512 images (``PARALLEL_MIN_IMAGES``), else none.
 
     Raises:
         DatasetError: the source cannot be opened, ``dest`` lies inside it, or some class has

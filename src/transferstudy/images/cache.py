@@ -285,10 +285,17 @@ def load_cache(
     return cache
 
 
+#: With no worker count given, fewer images than this are decoded in this process: a worker
+#: process can cost seconds of interpreter start and imports (where multiprocessing spawns, as
+#: in a Prefect flow-run process), more than decoding a few hundred images takes.
+PARALLEL_MIN_IMAGES = 512
+
+
 def _decode_all(jobs, images, ok, reasons, workers, show_progress) -> None:
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers is None:
+        workers = min(len(jobs), os.cpu_count() or 1) if len(jobs) >= PARALLEL_MIN_IMAGES else 1
     bar = progress(total=len(jobs), desc="decoding images", unit="img", enabled=show_progress)
-    if workers <= 1 or len(jobs) < 64:
+    if workers <= 1 or len(jobs) < 2:
         results = map(_decode_job, jobs)
         _collect(results, images, ok, reasons, bar)
     else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 
 import plotly.graph_objects as go
+import plotly.io as pio
 
 #: Above this many classes the confusion matrix drops its tick labels and the per-class
 #: report is collapsed; names stay available on hover.
@@ -74,8 +76,17 @@ def section(sid: str, title: str, body: str) -> str:
 def figure(fig: go.Figure, name: str, height: int | None = None) -> str:
     """A plotly figure as a div (plotly.js is included once, at the top of the page)."""
     top = 90 if fig.layout.annotations else 50  # room for subplot titles under the figure title
-    fig.update_layout(template="plotly_white", font={"size": 12}, margin={"l": 60, "r": 20, "t": top, "b": 50})
-    if height:
-        fig.update_layout(height=height)
-    div = fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG, div_id=f"fig-{name}")
+    fig.update_layout(
+        font={"size": 12}, margin={"l": 60, "r": 20, "t": top, "b": 50}, **({"height": height} if height else {})
+    )
+    spec = fig.to_plotly_json()
+    spec["layout"]["template"] = _template()  # what template="plotly_white" writes, without validating it per figure
+    div = pio.to_html(
+        spec, validate=False, full_html=False, include_plotlyjs=False, config=PLOT_CONFIG, div_id=f"fig-{name}"
+    )
     return f'<div class="figure" data-figure="{esc(name)}">{div}</div>'
+
+
+@functools.cache
+def _template() -> dict:
+    return pio.templates["plotly_white"].to_plotly_json()
