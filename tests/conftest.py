@@ -140,6 +140,20 @@ def _one_torch_thread():
 SHARED_SERVER_ENV = "TRANSFERSTUDY_TEST_PREFECT_API"
 
 
+#: Server services no test needs: no schedules are due, no runs go late, pause or get cancelled,
+#: and there are no automations. The task-run recorder stays (task runs are read back).
+UNUSED_SERVER_SERVICES = (
+    "SCHEDULER",
+    "LATE_RUNS",
+    "FOREMAN",
+    "PAUSE_EXPIRATIONS",
+    "CANCELLATION_CLEANUP",
+    "REPOSSESSOR",
+    "TRIGGERS",
+    "EVENT_PERSISTER",
+)
+
+
 def _start_prefect_server(home: Path):
     """``prefect server start`` on a free loopback port with its own home: (process, API URL)."""
     import os
@@ -150,7 +164,9 @@ def _start_prefect_server(home: Path):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false")
+    for service in UNUSED_SERVER_SERVICES:  # each polls the database every few seconds
+        env[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
     with open(home / "server.log", "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -43,7 +43,7 @@ import torch
 from . import runtime
 from .images.batches import DeviceData, Views
 from .images.cache import sampled_checksum
-from .model import TransferNet, frozen_shape
+from .model import TransferNet
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,29 @@ class FeatureCache:
         self.views[view, start : start + len(h)] = h.to(self.views.device, dtype=self.views.dtype)
 
 
-def activation_shape(image_size: int, depth: int) -> tuple[int, ...]:
-    """Shape of one image's output of the stages frozen at ``depth``: ResNet-50's, whatever its
-    weights (``model.frozen_shape``, a dry run on the meta device, once per size and depth)."""
-    return frozen_shape(image_size, depth)
+def activation_shape(model: TransferNet, image_size: int, depth: int) -> tuple[int, ...]:
+    """Shape of one image's output of the stages frozen at ``depth``, by a dry run of ``model``
+    on one blank image (batch-norm statistics untouched). The shape is ResNet-50's, whatever
+    the weights: found once per image size and depth."""
+    key = (image_size, depth)
+    if key not in _SHAPES:
+        weight = next(model.parameters())
+        probe = torch.zeros(1, 3, image_size, image_size, device=weight.device, dtype=weight.dtype)
+        was_training = model.training
+        model.eval()
+        _SHAPES[key] = tuple(model.frozen_features(probe, depth).shape[1:])
+        model.train(was_training)
+    return _SHAPES[key]
 
 
-def estimate_bytes(depth: int, image_size: int, num_images: int, num_views: int, dtype: torch.dtype) -> int:
+_SHAPES: dict[tuple[int, int], tuple[int, ...]] = {}
+
+
+def estimate_bytes(
+    model: TransferNet, depth: int, image_size: int, num_images: int, num_views: int, dtype: torch.dtype
+) -> int:
     """Memory the cache of ``depth`` will take, computed before it is built."""
-    per_image = int(np.prod(activation_shape(image_size, depth)))
+    per_image = int(np.prod(activation_shape(model, image_size, depth)))
     return per_image * num_images * num_views * torch.tensor([], dtype=dtype).element_size()
 
 
@@ -194,7 +208,7 @@ def allocate_feature_cache(
     key: str = "",
 ) -> FeatureCache:
     """Reserve the memory of the cache of ``depth``; views are built as training first needs them."""
-    shape = activation_shape(image_size, depth)
+    shape = activation_shape(model, image_size, depth)
     views = torch.empty((regime.count, len(rows), *shape), dtype=storage_dtype(device, model), device=placement)
     if placement.type == "cpu" and device.type == "cuda":
         views = views.pin_memory()
@@ -271,7 +285,7 @@ class FeatureStore:
 
     def _allocate(self, model, depth: int, data, rows, device, evict: bool) -> FeatureCache | None:
         image_size = data.images.shape[1]
-        nbytes = estimate_bytes(depth, image_size, len(rows), self.regime.count, storage_dtype(device, model))
+        nbytes = estimate_bytes(model, depth, image_size, len(rows), self.regime.count, storage_dtype(device, model))
         placement = choose_placement(nbytes, device, self.memory_fraction)
         while placement is None and evict and self._caches:
             self._caches.pop(next(iter(self._caches)))  # the least recently used goes first
@@ -326,7 +340,7 @@ class FeatureStore:
             return None
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            problem = _saved_problem(saved, self.regime.count, activation_shape(image_size, depth), key)
+            problem = _saved_problem(saved, self.regime.count, activation_shape(model, image_size, depth), key)
         except Exception as exc:  # a torn or foreign file: torch.load raises many kinds
             problem = f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())})"
         if problem:

@@ -243,26 +243,20 @@ def build_on_backbone(num_classes: int, backbone_state: dict[str, torch.Tensor],
 
 def empty_network(num_classes: int, unfreeze_depth: int) -> TransferNet:
     """A network with storage but no values yet (torch's default dtype, on the CPU), for weights
-    that are loaded next: a copy of the shape's meta-device skeleton, so no random
+    that are loaded next: its backbone is a copy of a meta-device skeleton, so no random
     initialisation is computed only to be overwritten."""
-    model = copy.deepcopy(_skeleton(num_classes, unfreeze_depth, torch.get_default_dtype()))
+    backbone = copy.deepcopy(_backbone_skeleton(torch.get_default_dtype()))
+    with torch.device("meta"):
+        model = TransferNet(backbone, num_classes, unfreeze_depth)  # the head: one small init on meta
     return model.to_empty(device="cpu")
 
 
 @functools.cache
-def frozen_shape(image_size: int, depth: int) -> tuple[int, ...]:
-    """Shape of one image's output of the stages frozen at unfreeze depth ``depth``
-    (``TransferNet.frozen_features``), found by a dry run on the meta device: no arithmetic."""
-    net = copy.deepcopy(_skeleton(1, depth, torch.float32)).eval()
-    return tuple(net.frozen_features(torch.zeros(1, 3, image_size, image_size, device="meta")).shape[1:])
-
-
-@functools.cache
-def _skeleton(num_classes: int, unfreeze_depth: int, dtype: torch.dtype) -> TransferNet:
-    """The network's structure on the meta device (no storage, no values), made once per shape;
+def _backbone_skeleton(dtype: torch.dtype) -> nn.Module:
+    """torchvision's ResNet-50 on the meta device (no storage, no values), made once per dtype;
     shared, so only ever copied."""
     with torch.device("meta"):
-        return TransferNet(resnet50(weights=None), num_classes, unfreeze_depth).to(dtype)
+        return resnet50(weights=None).to(dtype)
 
 
 def _init_head(model: TransferNet) -> None:
