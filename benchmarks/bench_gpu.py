@@ -98,7 +98,7 @@ def main() -> None:
     a = p.parse_args()
     device = runtime.select_device("auto")
     runtime.configure(device)
-    sizes = dict(CARS) if not a.smoke else {"images": 60, "pool": 40, "classes": 4}
+    sizes = dict(CARS) if not a.smoke else {"images": 24, "pool": 16, "classes": 4}
     size = a.image_size if not a.smoke else 16
     print(
         f"{runtime.describe(device)}, torch {torch.__version__}; {sizes['images']} images, {sizes['classes']} classes, {size} px, batch {a.batch_size}"

@@ -150,9 +150,7 @@ def _random_backbone() -> nn.Module:
     key = (torch.get_default_dtype(), torch.random.get_rng_state().numpy().tobytes())
     if key in _LAST_RANDOM:
         state, rng_after = _LAST_RANDOM[key]
-        with torch.device("meta"):
-            net = resnet50(weights=None)
-        net.to_empty(device="cpu")
+        net = copy.deepcopy(_backbone_skeleton(key[0])).to_empty(device="cpu")
         net.load_state_dict(state)
         torch.random.set_rng_state(rng_after)
         return net
