@@ -240,6 +240,67 @@ def test_random_init_drawn_again_from_the_same_state_is_torchvisions_and_moves_t
     assert model.stages[0][0].weight.dtype == torch.float64  # not the float32 draw remembered above
 
 
+def test_resnet50_is_torchvisions_module_for_module_draw_for_draw_and_output_for_output():
+    """The engine's own ResNet-50 (it does not import torchvision) has torchvision's parameter
+    and buffer names and shapes, draws the same values from the same RNG state and leaves the RNG
+    where torchvision leaves it, and computes the same outputs (float64, train and eval mode)."""
+    from transferstudy.resnet import ResNet50
+
+    draws = []
+    for make in (ResNet50, lambda: resnet50(weights=None)):
+        torch.manual_seed(11)
+        net = make().double()
+        draws.append((net, net.state_dict(), torch.rand(4)))
+    (ours, ours_state, ours_next), (theirs, theirs_state, theirs_next) = draws
+    assert [(k, v.shape) for k, v in ours_state.items()] == [(k, v.shape) for k, v in theirs_state.items()]
+    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in theirs_state)
+    assert torch.equal(ours_next, theirs_next)
+    x = torch.randn(3, 3, 40, 40, dtype=torch.float64)
+    for mode in (True, False):  # batch statistics, then running ones
+        with torch.no_grad():
+            assert torch.equal(ours.train(mode)(x), theirs.train(mode)(x))
+    assert torch.equal(ours.layer3[0].bn2.running_mean, theirs.layer3[0].bn2.running_mean)  # updated alike
+
+
+def test_the_engine_imports_torchvision_only_to_fetch_imagenet_weights():
+    """torchvision imports torch._dynamo (seconds of every worker's start-up): no module of the
+    engine or the flows imports it at module level."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted([*(root / "src").rglob("*.py"), *(root / "flows").rglob("*.py")]):
+        tree = ast.parse(path.read_text(), str(path))
+        top = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        local = {
+            id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+        }
+        for node in top:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if id(node) not in local and any(n.split(".")[0] == "torchvision" for n in names):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []
+
+
+def test_imagenet_weights_come_through_torchvisions_cache(tmp_path, monkeypatch):
+    """``imagenet`` loads torchvision's IMAGENET1K_V2 file from torchvision's cache (here a
+    stand-in with known values, under the file name torchvision downloads it to)."""
+    from torchvision.models import ResNet50_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(5)
+    reference = resnet50(weights=None).state_dict()
+    cached = tmp_path / "hub" / "checkpoints" / ResNet50_Weights.IMAGENET1K_V2.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.save(reference, cached)
+    model, loaded = build_model(3, weights="imagenet", unfreeze_depth=2, progress=False)
+    assert loaded.used == "imagenet" and loaded.pretrained and loaded.warning is None
+    assert torch.equal(model.stages[0][0].weight, reference["conv1.weight"])
+    assert torch.equal(model.stages[4][2].bn3.running_var, reference["layer4.2.bn3.running_var"])
+    assert model.head.out_features == 3 and model.unfreeze_depth == 2
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_local_state_dict_loads(tmp_path, wrapped):
     torch.manual_seed(123)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
+
+from .resnet import ResNet50
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ _LAST_RANDOM: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
 
 
 def _random_backbone() -> nn.Module:
-    """torchvision's randomly initialised ResNet-50, drawn from torch's global RNG.
+    """A randomly initialised ResNet-50 (torchvision's initialisation), drawn from torch's global RNG.
 
     The draw is a function of the RNG state and the default dtype. A process that draws it again
     from the same state (the search, confirmation and refit runners of one study all seed it with
@@ -154,7 +155,7 @@ def _random_backbone() -> nn.Module:
         net.load_state_dict(state)
         torch.random.set_rng_state(rng_after)
         return net
-    net = resnet50(weights=None)
+    net = ResNet50()
     _LAST_RANDOM.clear()  # one draw kept: ResNet-50 is about 100 MB
     _LAST_RANDOM[key] = ({k: v.clone() for k, v in net.state_dict().items()}, torch.random.get_rng_state())
     return net
@@ -165,9 +166,7 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
         return _random_backbone(), LoadedWeights("none", "none")
     if weights in ("imagenet", "auto"):
         try:
-            return resnet50(weights=ResNet50_Weights.IMAGENET1K_V2, progress=progress), LoadedWeights(
-                weights, "imagenet"
-            )
+            return _imagenet_backbone(progress), LoadedWeights(weights, "imagenet")
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             message = (
                 f"ImageNet weights for ResNet-50 could not be downloaded ({type(exc).__name__}: {exc}). "
@@ -192,7 +191,7 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise WeightsUnavailableError(f"{path} holds a {type(state).__name__}, not a ResNet-50 state_dict")
-    net = resnet50(weights=None)
+    net = ResNet50()
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -206,6 +205,17 @@ def _load_backbone(weights: str, progress: bool = True) -> tuple[nn.Module, Load
             f"{path} is not a ResNet-50 state_dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return net, LoadedWeights(weights, str(path))
+
+
+def _imagenet_backbone(progress: bool) -> nn.Module:
+    """torchvision's IMAGENET1K_V2 weights, through torchvision's download and cache (the only
+    use of torchvision in the engine: see resnet.py), in a network initialised as torchvision's
+    ``resnet50(weights=...)`` initialises it before loading them."""
+    from torchvision.models import ResNet50_Weights
+
+    net = ResNet50()
+    net.load_state_dict(ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=progress, check_hash=True))
+    return net
 
 
 def build_model(
@@ -251,10 +261,10 @@ def empty_network(num_classes: int, unfreeze_depth: int) -> TransferNet:
 
 @functools.cache
 def _backbone_skeleton(dtype: torch.dtype) -> nn.Module:
-    """torchvision's ResNet-50 on the meta device (no storage, no values), made once per dtype;
-    shared, so only ever copied."""
+    """ResNet-50 on the meta device (no storage, no values), made once per dtype; shared, so
+    only ever copied."""
     with torch.device("meta"):
-        return resnet50(weights=None).to(dtype)
+        return ResNet50().to(dtype)
 
 
 def _init_head(model: TransferNet) -> None:
