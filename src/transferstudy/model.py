@@ -264,7 +264,7 @@ def _backbone_skeleton(dtype: torch.dtype) -> nn.Module:
     """ResNet-50 on the meta device (no storage, no values), made once per dtype; shared, so
     only ever copied."""
     with torch.device("meta"):
-        return ResNet50().to(dtype)
+        return ResNet50(init=False).to(dtype)
 
 
 def _init_head(model: TransferNet) -> None:

@@ -57,9 +57,14 @@ def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequentia
 
 
 class ResNet50(nn.Module):
-    """``conv1 bn1 relu maxpool layer1..layer4 avgpool fc``, torchvision's names."""
+    """``conv1 bn1 relu maxpool layer1..layer4 avgpool fc``, torchvision's names.
 
-    def __init__(self, num_classes: int = 1000):
+    ``init=False`` skips torchvision's re-initialisation, for a skeleton whose values are loaded
+    next: on the meta device, ``normal_`` goes through a torch reference implementation that
+    imports ``torch._dynamo``.
+    """
+
+    def __init__(self, num_classes: int = 1000, init: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -73,7 +78,7 @@ class ResNet50(nn.Module):
         self.fc = nn.Linear(512 * EXPANSION, num_classes)
         # torchvision's init, in registration order (it replaces every conv's default draw,
         # which only moves the RNG on by a fixed count)
-        for m in self.modules():
+        for m in self.modules() if init else ():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
