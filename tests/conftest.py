@@ -220,13 +220,13 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture
 def tiny(make_dataset, cache_dir, cpu):
-    """3 classes x 8 images at 32 px, decoded; (cache, its images on the CPU, every row as the pool)."""
+    """3 classes x 8 images at 16 px, decoded; (cache, its images on the CPU, every row as the pool)."""
     from transferstudy.datasets import scan_folders
     from transferstudy.images import DeviceData, load_cache
     from transferstudy.splits import holdout_indices
 
     cache = load_cache(
-        scan_folders(make_dataset(num_classes=3, per_class=8, size=32)), 32, cache_dir, show_progress=False
+        scan_folders(make_dataset(num_classes=3, per_class=8, size=16)), 16, cache_dir, show_progress=False
     )
     pool, _ = holdout_indices(cache, 0.0, 0)
     return cache, DeviceData(cache, cpu), pool

@@ -94,7 +94,7 @@ def test_store_reuses_a_depth_across_trials_and_skips_depth_five(tiny, cpu):
     model.set_unfreeze_depth(5)
     assert store.get(model, data, pool, cpu) is None
     model.set_unfreeze_depth(1)
-    assert estimate_bytes(model, model.unfreeze_depth, 32, len(pool), 3, torch.float32) == first.nbytes
+    assert estimate_bytes(model, model.unfreeze_depth, cache.image_size, len(pool), 3, torch.float32) == first.nbytes
 
 
 def test_views_are_centre_mirror_and_crops(tiny, cpu):

@@ -225,13 +225,13 @@ def test_another_dtype_or_device_is_another_key_and_a_renamed_file_is_refused(ti
     regime = Views(2, Augment(), 0)
     store = FeatureStore("t", regime, 0.5, disk_dir=tmp_path)
     keys = {
-        store.key(0, 32, dtype, torch.device(kind))
+        store.key(0, cache.image_size, dtype, torch.device(kind))
         for dtype in (torch.float32, torch.float64, torch.bfloat16)
         for kind in ("cpu", "cuda")
     }
     assert len(keys) == 6
-    assert store.key(0, 32, torch.float32, cpu) != FeatureStore("t", Views(2, Augment(), 1), 0.5).key(
-        0, 32, torch.float32, cpu
+    assert store.key(0, cache.image_size, torch.float32, cpu) != FeatureStore("t", Views(2, Augment(), 1), 0.5).key(
+        0, cache.image_size, torch.float32, cpu
     )
 
     wide = DeviceData(cache, cpu, dtype=torch.float64)
@@ -247,7 +247,7 @@ def test_another_dtype_or_device_is_another_key_and_a_renamed_file_is_refused(ti
     assert FeatureStore("t", regime, 0.5, disk_dir=tmp_path).get(single, narrow, pool, cpu).built == [False, False]
 
     # The float64 file under the float32 key's name: its recorded key gives it away.
-    fp32_key = store.key(0, 32, torch.float32, cpu)
+    fp32_key = store.key(0, cache.image_size, torch.float32, cpu)
     path.rename(tmp_path / f"features-{fp32_key}.pt")
     features = FeatureStore("t", regime, 0.5, disk_dir=tmp_path).get(single, narrow, pool, cpu)
     assert features.built == [False, False] and "made for cache key" in caplog.text
