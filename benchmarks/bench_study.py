@@ -10,6 +10,7 @@ benchmarks/RESULTS.md by hand, with the command and the machine.
     python benchmarks/bench_study.py                         # CPU here: 400 JPEGs of 375x500, trained at 64 px
     python benchmarks/bench_study.py --repeats 3             # the figures in RESULTS.md (medians of three runs)
     python benchmarks/bench_study.py --floor-only            # the trainable stages' step alone, per depth
+    python benchmarks/bench_study.py --depths 0 5            # only these depths (trials and floor)
     python benchmarks/bench_study.py --device cuda --image-size 224 --classes 50 --per-class 40 --standard
 
 Needs torch, torchvision, numpy and Pillow, plus what the engine imports (pydantic, pandas, scikit-learn)
@@ -44,10 +45,13 @@ from transferstudy.model import build_model  # noqa: E402
 from transferstudy.train import build_optimizer  # noqa: E402
 from transferstudy.trial import TrialRunner  # noqa: E402
 
+DEPTHS = tuple(range(6))
 
-def reference(epochs: int = 3, per_depth: int = 2) -> list[tuple[int, int]]:
-    """The reference study: ``per_depth`` trials of each depth, ``epochs`` each (RESULTS.md: 2 x 3)."""
-    return [(d, epochs) for d in range(6) for _ in range(per_depth)]
+
+def reference(epochs: int = 3, per_depth: int = 2, depths: tuple[int, ...] = DEPTHS) -> list[tuple[int, int]]:
+    """The reference study: ``per_depth`` trials of each depth, ``epochs`` each (RESULTS.md: every
+    depth, 2 x 3)."""
+    return [(d, epochs) for d in depths for _ in range(per_depth)]
 
 
 def make_dataset(root: Path, classes: int, per_class: int, val_per_class: int, source_px: int, seed: int = 0) -> Path:
@@ -169,7 +173,7 @@ def compute_floor(
     not use there), to show what that precision would change."""
     settings = TrainSection(lr=args.lr, batch_size=args.batch_size, backbone_lr_mult=1.0, weight_decay=1e-4)
     floors = {}
-    for depth in range(1, 6):
+    for depth in [d for d in args.depths if d > 0]:  # depth 0 trains the head alone: no stage to time
         runtime.seed_everything(0)
         model, _ = build_model(num_classes, "none", depth)
         model.to(device, memory_format=runtime.memory_format(device)).train()
@@ -205,7 +209,7 @@ def run_once(root: Path, args, device: torch.device) -> tuple[list[dict], dict]:
     if args.standard:
         contenders.append(Baseline(root, args, device, standard=True))
     trials: dict[str, list[dict]] = {c.name: [] for c in contenders}
-    for i, (depth, epochs) in enumerate(reference(args.epochs, args.per_depth)):
+    for i, (depth, epochs) in enumerate(reference(args.epochs, args.per_depth, args.depths)):
         for c in contenders[i % len(contenders) :] + contenders[: i % len(contenders)]:
             trials[c.name].append(c.trial(depth, epochs))
     project = contenders[0]
@@ -230,7 +234,7 @@ def summarize(name: str, trials: list[dict], one_off: float = 0.0) -> dict:
 def speedups(ours: dict, other: dict) -> dict:
     return {
         "total": other["total_s"] / ours["total_s"],
-        "warm": {d: other["warm_trial_s"][d] / ours["warm_trial_s"][d] for d in range(6)},
+        "warm": {d: other["warm_trial_s"][d] / ours["warm_trial_s"][d] for d in ours["warm_trial_s"]},
     }
 
 
@@ -251,6 +255,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=3, help="epochs of each reference trial (RESULTS.md: 3)")
     p.add_argument("--per-depth", type=int, default=2, help="reference trials per depth (RESULTS.md: 2)")
+    p.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        choices=DEPTHS,
+        default=list(DEPTHS),
+        help="unfreeze depths of the reference trials and the compute floor (RESULTS.md: all)",
+    )
     p.add_argument("--floor-steps", type=int, default=8, help="timed steps of the compute floor, per depth")
     p.add_argument(
         "--views",
@@ -301,12 +313,12 @@ def main() -> None:
             f"one-off: decode {one_off['decode_s']:.1f} s; building cached views (inside the trials' times): "
             + ", ".join(f"depth {d}: {s:.1f} s" for d, s in one_off["cache_build_s"].items())
         )
-        print("\n| run | total s (incl. one-off) | " + " | ".join(f"depth {d} img/s" for d in range(6)) + " |")
-        print("|---|---|" + "---|" * 6)
+        print("\n| run | total s (incl. one-off) | " + " | ".join(f"depth {d} img/s" for d in args.depths) + " |")
+        print("|---|---|" + "---|" * len(args.depths))
         for res in results:
             print(
                 f"| {res['name']} | {res['total_s']:.1f} | "
-                + " | ".join(f"{res['images_per_s'][d]:,.1f}" for d in range(6))
+                + " | ".join(f"{res['images_per_s'][d]:,.1f}" for d in args.depths)
                 + " |"
             )
         for res in results[1:]:
@@ -330,7 +342,7 @@ def main() -> None:
             totals = ", ".join(f"{x['total']:.2f}" for x in xs)
             print(
                 f"transferstudy vs {name}: total {np.median([x['total'] for x in xs]):.2f}x (runs: {totals}); warm per-trial by depth: "
-                + ", ".join(f"{d}: {np.median([x['warm'][d] for x in xs]):.1f}x" for d in range(6))
+                + ", ".join(f"{d}: {np.median([x['warm'][d] for x in xs]):.1f}x" for d in args.depths)
             )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_study.json").write_text(

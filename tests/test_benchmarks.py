@@ -31,7 +31,11 @@ def _run(args: list[str]) -> str:
 
 
 def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
-    out = _run(  # 24 one-epoch trainings and the compute floor
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "path", list(sys.path))
+        bench = runpy.run_path(str(ROOT / "benchmarks/bench_study.py"))  # read, not run
+    assert bench["reference"](1, 1) == [(d, 1) for d in range(6)]  # the reference study has every depth
+    out = _run(  # 8 one-epoch trainings (depths 0 and 5, two contenders, two runs) and the compute floor
         [
             "benchmarks/bench_study.py",
             "--out",
@@ -54,6 +58,9 @@ def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
             "1",
             "--per-depth",
             "1",
+            "--depths",
+            "0",
+            "5",
             "--floor-steps",
             "1",
             "--workers",
@@ -69,9 +76,9 @@ def test_bench_study_runs_both_contenders_interleaved_and_the_floor(tmp_path):
         names = [r["name"] for r in run["results"]]
         assert names == ["transferstudy", "naive (notebook)"]
         for r in run["results"]:
-            assert [(t["depth"], t["epochs"]) for t in r["trials"]] == [(d, 1) for d in range(6)]
+            assert [(t["depth"], t["epochs"]) for t in r["trials"]] == [(0, 1), (5, 1)]
             assert all(t["seconds"] > 0 for t in r["trials"])
-    assert sorted(result["compute_floor"]) == ["1", "2", "3", "4", "5"]
+    assert sorted(result["compute_floor"]) == ["5"]  # the floor of each depth that trains a stage
     # Each class keeps its colour in test/, so the validation split is learnable.
     train_px = _mean_colour(tmp_path / "data" / "train" / "class_001")
     test_px = _mean_colour(tmp_path / "data" / "test" / "class_001")
