@@ -7,11 +7,14 @@ randomly initialised ResNet-50 can learn the classes in a few CPU seconds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where a fixture needs it: the controller of -n N never does
+    import torch
 
 #: Rectangle colour of each generated class (up to eight classes).
 CLASS_COLOURS = [
@@ -121,6 +124,8 @@ def cache_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def cpu() -> torch.device:
+    import torch
+
     return torch.device("cpu")
 
 
@@ -129,6 +134,8 @@ def _one_torch_thread():
     """One intra-op thread: results then do not depend on the machine's core count, and a
     busy CI machine cannot stall every OpenMP barrier on a descheduled second thread
     (which made a 15 s training test take minutes)."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
