@@ -1,5 +1,7 @@
 """Optuna studies on real SQLite storage: objective, resume, failures, checkpoints, holdout."""
 
+import contextlib
+import logging
 import math
 import os
 
@@ -92,10 +94,40 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(trial_mod, "fit", flaky_fit)
-    study = study_mod.run_study(tiny_config(tmp_path, search={"epochs": [1, 1]}))
+    with _records("optuna") as optuna_said, _records("transferstudy") as we_said:
+        study = study_mod.run_study(tiny_config(tmp_path, search={"epochs": [1, 1]}))
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "NonFiniteLossError" in failed[0].user_attrs["error"]
     assert _states(study).count(TrialState.COMPLETE) == 2
+    # Said once, in the project's words: the progress line, not Optuna's warning and traceback.
+    assert [m for m in we_said if "failed: NonFiniteLossError: training loss became nan" in m]
+    assert not [m for m in optuna_said if " failed " in m]
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trial_mod, "fit", broken_fit)  # an error no trial should have: Optuna's warning stays
+    with _records("optuna") as optuna_said, pytest.raises(RuntimeError, match="a bug"):
+        study_mod.run_study(tiny_config(tmp_path, study={"name": "broken"}))
+    assert any(m.startswith("Trial 0 failed with parameters") for m in optuna_said)
+
+
+@contextlib.contextmanager
+def _records(name: str):
+    """The messages that ``name`` and its children log at their level (INFO for the engine's
+    loggers, whose level is not set here) while the block runs."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(level or logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the other worker's trial is made with ask/tell

@@ -30,17 +30,16 @@ import time
 from dataclasses import dataclass
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import runtime
 from ..config import SEARCHABLE, StudyConfig, TrainSection
 from ..splits import common_validation
 from ..stats import LEVEL, mean_interval
-from ..train import NonFiniteLossError, evaluate
+from ..train import evaluate
 from . import attrs, ranking
 from .dataset import DecodedData
-from .objective import SurplusTrial, is_refused, record_metric, refuse, study_runner, subset_score
+from .objective import TRIAL_FAILURES, is_refused, record_metric, refuse, study_runner, subset_score
 from .runner import create_storage
 from .space import largest_train_ratio, searched_depths
 
@@ -174,7 +173,7 @@ def confirm_study(
             confirm.optimize(
                 objective,
                 n_trials=waiting,
-                catch=(NonFiniteLossError, torch.OutOfMemoryError, SurplusTrial),
+                catch=TRIAL_FAILURES,
                 callbacks=[_progress],
                 gc_after_trial=False,  # runtime.release_memory ends each trial; a full collection costs ~0.3 s
             )

@@ -41,6 +41,38 @@ class SurplusTrial(Exception):
     needs, or already hold this trial's design entry."""
 
 
+#: Errors that fail one trial and let the study go on (Optuna's ``catch``): the trial's error
+#: attr and the runner's progress line say what happened.
+TRIAL_FAILURES = (NonFiniteLossError, torch.OutOfMemoryError, SurplusTrial)
+
+
+class _SaidOnce(logging.Filter):
+    """Drops Optuna's two warnings about a trial that failed with a ``TRIAL_FAILURES`` error (a
+    traceback, then "failed with value None"): the progress line already says it, in the
+    project's words. A refused trial is routine when several workers share a study. Any other
+    error keeps Optuna's warning (and ends the run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: set[str] = set()  # "Trial N failed" whose second warning is still to come
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Trial ") or " failed with " not in message:
+            return True
+        head = message.split(" failed with ", 1)[0]
+        if record.exc_info and isinstance(record.exc_info[1], TRIAL_FAILURES):
+            self.pending.add(head)
+            return False
+        if message.startswith(f"{head} failed with value") and head in self.pending:
+            self.pending.discard(head)
+            return False
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_SaidOnce())
+
+
 class Objective:
     """The Optuna objective: one fine-tuning run per trial (``trial.TrialRunner``), scored on validation.
 

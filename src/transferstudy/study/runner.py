@@ -10,18 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
 from .. import runtime, workers
 from ..config import BACKBONE_DEFAULTS, StudyConfig
 from ..model import build_model
-from ..train import NonFiniteLossError
 from . import attrs, ranking
 from .attrs import FINISHED, fmt_param
 from .dataset import DecodedData, decode_dataset, open_index
 from .design import enqueue_design
-from .objective import Objective, SurplusTrial, is_refused
+from .objective import TRIAL_FAILURES, Objective, is_refused
 from .pruning import build_pruner, describe_pruning
 
 # Heartbeats, stale-trial retries, multivariate TPE and the importance plot are Optuna features
@@ -208,7 +206,7 @@ def run_study(
         objective,
         n_trials=2 * remaining + MAX_CONSECUTIVE_FAILURES,  # failed trials are replaced; the callback stops at n_trials
         timeout=cfg.study.timeout_s or None,
-        catch=(NonFiniteLossError, torch.OutOfMemoryError, SurplusTrial),
+        catch=TRIAL_FAILURES,
         callbacks=[_progress_callback(cfg, on_trial_end)],
         gc_after_trial=False,  # runtime.release_memory ends each trial; a full collection costs ~0.3 s
     )
