@@ -203,6 +203,16 @@ def pytest_configure(config):
     config.add_cleanup(lambda: stop(server))
 
 
+def pytest_unconfigure(config):
+    """A worker process of ``pytest -n N`` is about to exit: freezing the objects it holds lets
+    the interpreter's teardown skip collecting them (seconds, with torch and Prefect loaded,
+    while the controller waits for every worker to end)."""
+    if hasattr(config, "workerinput"):
+        import gc
+
+        gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """One real ``prefect server start`` on loopback for the whole session: flows, served
