@@ -87,6 +87,9 @@ SLOW_FIRST = (
     "test_features.py",
     "test_report.py",
     "test_confirm.py",
+    "test_model.py",
+    "test_train.py",
+    "test_study_design.py",
 )
 
 
