@@ -2,11 +2,13 @@
 random initialisation, so torchvision's state_dicts (ImageNet weights, local files) load into
 it unchanged and a seed draws the same network.
 
-It lives here so that the engine never imports torchvision just to build a network: importing
-torchvision imports ``torch._dynamo`` (through ``torchvision.ops``), about 3-4 s of every
-worker process's start-up on a CPU. torchvision is imported only to obtain its ImageNet
-weights (``model.py``). ``tests/test_model.py`` holds this definition to torchvision's:
-parameter names and shapes, the random draw from one RNG state, and the forward pass, exactly.
+It lives here so that the engine never imports torchvision just to build a network:
+importing torchvision takes 3-4 s on a CPU (``torchvision.ops`` imports ``torch._dynamo``),
+all of it in a process that does not train (predict, the report, a fan-out's parent), about
+1 s in one that does (``torch.optim`` imports ``torch._dynamo`` itself). torchvision is
+imported only to obtain its ImageNet weights (``model.py``). ``tests/test_model.py`` holds
+this definition to torchvision's: parameter names and shapes, the random draw from one RNG
+state, and the forward pass, exactly.
 
 Layout (He et al. 2016, "ResNet v1.5"): a 7x7 stride-2 stem with max pooling, then four stages
 of bottleneck blocks (3, 4, 6, 3 blocks; 64, 128, 256, 512 planes, 4x expansion) in which the
