@@ -107,7 +107,9 @@ def _progress_callback(cfg: StudyConfig, on_trial_end: Callable[[int], None] | N
         }.get(trial.state, lambda: trial.state.name)()
         seconds = trial.user_attrs.get(attrs.TRIAL_TRAIN_SECONDS, 0.0)
         best = _best_text(study)
-        log.info(
+        failed = trial.state == TrialState.FAIL and not is_refused(trial)  # a refused one is routine
+        log.log(
+            logging.WARNING if failed else logging.INFO,
             "trial %d [%d/%d finished] %s -> %s in %.0f s; %s",
             trial.number,
             finished,
