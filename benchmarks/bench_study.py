@@ -41,11 +41,11 @@ from transferstudy import runtime  # noqa: E402
 from transferstudy.config import TrainSection  # noqa: E402
 from transferstudy.datasets import scan_folders  # noqa: E402
 from transferstudy.images import load_cache  # noqa: E402
-from transferstudy.model import build_model  # noqa: E402
+from transferstudy.model import MAX_DEPTH, build_model  # noqa: E402
 from transferstudy.train import build_optimizer  # noqa: E402
 from transferstudy.trial import TrialRunner  # noqa: E402
 
-DEPTHS = tuple(range(6))
+DEPTHS = tuple(range(MAX_DEPTH + 1))
 
 
 def reference(epochs: int = 3, per_depth: int = 2, depths: tuple[int, ...] = DEPTHS) -> list[tuple[int, int]]:

@@ -13,7 +13,6 @@ import pytest
 from helpers import flow_run_logs, tiny_config
 from optuna.trial import TrialState
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -119,6 +118,7 @@ def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefec
     import contextvars
     import threading
 
+    from prefect.client.orchestration import get_client
     from prefect.logging.handlers import APILogWorker
 
     from flows.study import plan, study_flow
@@ -180,8 +180,6 @@ def test_two_workers_share_the_study_survive_a_killed_one_and_report_once(prefec
     assert "2 workers: 0/2 cpu (" in header and 'data-figure="timeline"' in header  # who ran what, and when
 
     APILogWorker.drain_all(timeout=5)  # this process's (the parent's) log lines, workers' included
-    from prefect.client.orchestration import get_client
-
     with get_client(sync_client=True) as client:
         logs = flow_run_logs(client, [run.id], "worker ", seconds=10)
     assert sum("trial(s) to run" in line for line in logs) >= 2  # both workers joined the study
